@@ -1,0 +1,102 @@
+"""The one small interface every way of generating text sits behind.
+
+A backend knows nothing of synapses or tasks: it turns chat messages (plus an optional JSON schema)
+into text, says whether it can serve, and says what it is.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+class BackendError(Exception):
+    """A backend could not produce an answer; the message says why and, where it can, the fix."""
+
+
+class DeadlineExceeded(BackendError):
+    """The request's deadline passed before the backend finished."""
+
+
+@dataclass(frozen=True)
+class Request:
+    messages: list[dict[str, str]]
+    max_tokens: int
+    deadline: float  # time.monotonic() by which the answer must be back
+    schema: dict[str, Any] | None = None
+    temperature: float = 0.8
+    top_p: float = 0.95
+
+    def seconds_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    mode: str  # "local", "api" or "custom": validators read it, so it must be honest
+    name: str
+    provider: str
+    version: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "name": self.name,
+            "version": self.version,
+            "provider": self.provider,
+            "parameters": dict(self.parameters),
+        }
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    backend: str
+    model: ModelInfo
+    finish_reason: str = "stop"  # "stop", "length" or "deadline"
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    detail: str
+    checked_at: float = field(default_factory=time.time)
+
+
+class Backend(ABC):
+    """One way to generate text. Subclasses set `type` (the YAML `type:` value)."""
+
+    type: ClassVar[str]
+    supports_schema: ClassVar[bool] = False
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: Any) -> Backend:
+        """Build from one validated `backends:` entry of the YAML."""
+
+    @abstractmethod
+    def generate(self, request: Request) -> Generation:
+        """Blocking: callers run it off the event loop. Raises BackendError, never returns filler."""
+
+    @abstractmethod
+    def health(self) -> Health:
+        """A cheap, real check that this backend can serve now."""
+
+    @abstractmethod
+    def info(self) -> ModelInfo:
+        """What validators are told about the model behind this backend."""
+
+    def close(self) -> None:
+        """Release what the backend holds (model memory, connections)."""

@@ -1,0 +1,178 @@
+"""The ordered fallback chain: the first backend that can serve, in YAML order, answers.
+
+A failure, a timeout, or an answer the caller's `accept` rejects moves on to the next backend while the
+deadline allows. A backend that keeps failing, or fails its health check, is skipped for a cool-down and
+probed again later (by a request once the cool-down ends, or by the next health check). Nothing is ever
+invented: when every backend fails, the error says why for each.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+from backends import build_backend
+from backends.base import Backend, BackendError, Generation, Health, Request
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MIN_SECONDS_TO_TRY = 1.0  # less than this left: another backend cannot answer in time
+MODE_BY_TYPE = {"llama_cpp": "local", "openai": "api", "gemini": "api", "custom": "custom"}
+
+
+class AllBackendsFailed(BackendError):
+    def __init__(self, reasons: list[tuple[str, str]]):
+        self.reasons = reasons
+        super().__init__("no backend could answer: " + "; ".join(f"{n}: {r}" for n, r in reasons))
+
+
+@dataclass
+class BackendState:
+    backend: Backend | None  # None: it could not be built (see build_error)
+    label: str
+    settings: Any = field(default=None, repr=False)  # its `backends:` entry, to build it again
+    build_error: str | None = None
+    consecutive_failures: int = 0
+    cooldown_until: float = 0.0
+    last_error: str | None = None
+    served: int = 0
+    health: Health | None = None  # the last health check
+
+    def cooling(self, now: float) -> bool:
+        return now < self.cooldown_until
+
+    @property
+    def type(self) -> str:
+        return self.backend.type if self.backend is not None else getattr(self.settings, "type", "?")
+
+    @property
+    def mode(self) -> str:
+        return self.backend.info().mode if self.backend is not None else MODE_BY_TYPE.get(self.type, "?")
+
+
+def _build(settings: Any) -> BackendState:
+    try:
+        return BackendState(build_backend(settings), settings.label, settings)
+    except BackendError as e:
+        log.warning("backend %s is down: %s", settings.label, e)
+        return BackendState(None, settings.label, settings, build_error=str(e))
+
+
+class Chain:
+    def __init__(self, states: list[BackendState], failures_before_cooldown: int = 2, cooldown_s: float = 60.0):
+        if not states:
+            raise BackendError("backends: the list is empty; name at least one backend in the YAML")
+        self.states = states
+        self.failures_before_cooldown = failures_before_cooldown
+        self.cooldown_s = cooldown_s
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, backend_settings, chain_settings, *, require_one: bool = True) -> Chain:
+        """Build every backend; one that cannot be built is kept as down. With require_one, raise
+        AllBackendsFailed when none can be built (a miner that could never answer should not start)."""
+        states = [_build(settings) for settings in backend_settings]
+        if require_one and all(s.backend is None for s in states):
+            raise AllBackendsFailed([(s.label, s.build_error or "") for s in states])
+        return cls(states, chain_settings.failures_before_cooldown, chain_settings.cooldown_s)
+
+    @property
+    def backends(self) -> list[Backend]:
+        return [s.backend for s in self.states if s.backend is not None]
+
+    def generate(self, request: Request, accept: Callable[[Generation], T]) -> tuple[T, Generation]:
+        """Return accept(generation) from the first backend whose answer accept() takes."""
+        reasons: list[tuple[str, str]] = []
+        now = time.monotonic()
+        # Backends on cool-down go last rather than never: better a probe than no answer.
+        order = sorted(self.states, key=lambda s: (s.backend is None, s.cooling(now)))
+        for state in order:
+            backend = state.backend
+            if backend is None:
+                reasons.append((state.label, state.build_error or "not built"))
+                continue
+            if request.seconds_left() < MIN_SECONDS_TO_TRY:
+                reasons.append((state.label, "skipped: the deadline had passed"))
+                continue
+            try:
+                generation = backend.generate(request)
+                result = accept(generation)
+            except (BackendError, ValueError) as e:
+                self._failed(state, str(e))
+                reasons.append((state.label, str(e)))
+                continue
+            except Exception as e:  # a bug in one backend must not keep the next from answering
+                log.exception("backend %s raised an unexpected error", state.label)
+                self._failed(state, f"unexpected {type(e).__name__}: {e}")
+                reasons.append((state.label, f"unexpected {type(e).__name__}: {e}"))
+                continue
+            self._served(state)
+            return result, generation
+        raise AllBackendsFailed(reasons)
+
+    def _failed(self, state: BackendState, error: str) -> None:
+        with self._lock:
+            state.consecutive_failures += 1
+            state.last_error = error
+            if state.consecutive_failures >= self.failures_before_cooldown:
+                state.cooldown_until = time.monotonic() + self.cooldown_s
+        log.warning("backend %s failed: %s", state.label, error)
+
+    def _served(self, state: BackendState) -> None:
+        with self._lock:
+            state.consecutive_failures = 0
+            state.cooldown_until = 0.0
+            state.served += 1
+
+    def probe(self, *, rebuild: bool = True) -> list[Health]:
+        """Check every backend now, one by one, and let the result steer the chain: a failed check puts
+        the backend on cool-down, a passed one ends it. With rebuild, a backend that could not be built
+        (model file missing, say) is built again, so a fixed problem heals without a restart."""
+        results = []
+        for i, state in enumerate(self.states):
+            if state.backend is None and rebuild and state.settings is not None:
+                fresh = _build(state.settings)
+                state.backend, state.build_error = fresh.backend, fresh.build_error
+            health = self._check(state)
+            with self._lock:
+                state.health = health
+                if health.ok:
+                    state.consecutive_failures, state.cooldown_until = 0, 0.0
+                elif state.backend is not None:
+                    state.last_error = health.detail
+                    state.cooldown_until = time.monotonic() + self.cooldown_s
+            results.append(health)
+        return results
+
+    def mark_down(self, state: BackendState, detail: str) -> None:
+        """A check made outside the backend failed: record it and skip the backend for a cool-down."""
+        with self._lock:
+            state.health = Health(False, detail)
+            state.last_error = detail
+            state.cooldown_until = time.monotonic() + self.cooldown_s
+
+    @staticmethod
+    def _check(state: BackendState) -> Health:
+        if state.backend is None:
+            return Health(False, state.build_error or "not built")
+        try:
+            return state.backend.health()
+        except Exception as e:  # a health check that crashes is a failed check, never a healthy one
+            log.exception("health check of backend %s raised", state.label)
+            return Health(False, f"health check raised {type(e).__name__}: {e}")
+
+    def serving(self) -> BackendState | None:
+        """The backend a request would go to first now, if any can serve."""
+        now = time.monotonic()
+        for state in self.states:
+            usable = state.health.ok if state.health is not None else state.backend is not None
+            if state.backend is not None and usable and not state.cooling(now):
+                return state
+        return None
+
+    def close(self) -> None:
+        for backend in self.backends:
+            backend.close()

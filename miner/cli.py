@@ -1,0 +1,134 @@
+"""`python -m miner COMMAND`: run, demo, generate, health, fit."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from miner.config import Config, ConfigError, load_config
+
+log = logging.getLogger("miner")
+
+# Chain settings take bittensor's flag names; each maps onto a dotted config key.
+CHAIN_FLAGS = ["netuid", "wallet.name", "wallet.hotkey", "wallet.path", "subtensor.network",
+               "subtensor.chain_endpoint", "axon.port", "axon.external_ip", "axon.external_port"]
+INT_FLAGS = {"netuid", "axon.port", "axon.external_port"}
+
+
+def _add_config_flags(p: argparse.ArgumentParser, chain: bool = False) -> None:
+    p.add_argument("--config", type=Path, help="YAML config (see config.example.yaml); default: built-in defaults")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    if chain:
+        for flag in CHAIN_FLAGS:
+            p.add_argument(f"--{flag}", dest=flag, type=int if flag in INT_FLAGS else str, metavar="VALUE",
+                           help=f"overrides {flag} in the config")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides = {flag: getattr(args, flag, None) for flag in CHAIN_FLAGS}
+    return load_config(args.config, overrides)
+
+
+def _build_service(config: Config):
+    from backends.chain import Chain
+    from miner.service import StoryService
+    return StoryService(Chain.from_config(config.backends, config.chain), config.generation)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bittensor_wallet import Wallet
+
+    from miner.neuron import Miner, StartupError
+    config = _load(args)
+    service = _build_service(config)
+    w = config.wallet
+    miner = Miner(config, service, Wallet(name=w.name, hotkey=w.hotkey, path=w.path), offline=args.offline)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: miner.stop())
+    try:
+        miner.start()
+        miner.run_until_stopped()
+    except StartupError as e:
+        log.error("%s", e)
+        return 2
+    finally:
+        miner.close()
+        service.chain.close()
+    log.info("stopped")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from miner.demo import run_demo
+    return run_demo(_load(args), args.input)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from miner import examples
+    fields: dict[str, Any] = examples.example_fields(args.task, args.input)
+    if args.context:
+        try:
+            context = json.loads(args.context.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{args.context}: cannot read the context JSON ({e})") from None
+        if not isinstance(context, dict):
+            raise ConfigError(f"{args.context}: must hold a JSON object with blueprint/characters/story_arc/chapter_ids")
+        fields.update({k: v for k, v in context.items() if k in ("blueprint", "characters", "story_arc", "chapter_ids")})
+    service = _build_service(_load(args))
+    try:
+        answer = service.answer(fields)
+    finally:
+        service.chain.close()
+    json.dump(answer.output, sys.stdout, ensure_ascii=False, indent=2)
+    sys.stdout.write("\n")
+    return 0 if answer.ok else 1
+
+
+def _delegate(target: str) -> Callable[[argparse.Namespace], int]:
+    """Commands whose own module parses the rest of the line."""
+    def run(args: argparse.Namespace) -> int:
+        module_name, fn = target.split(":")
+        module = __import__(module_name, fromlist=[fn])
+        return getattr(module, fn)(args.rest)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m miner", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve validators until SIGINT/SIGTERM")
+    run.add_argument("--offline", action="store_true", help="loopback only, no chain, allowlisted hotkeys")
+    _add_config_flags(run, chain=True)
+    run.set_defaults(func=cmd_run)
+    demo = sub.add_parser("demo", help="answer all four tasks through a real Axon and Dendrite on 127.0.0.1")
+    demo.add_argument("--input", default=None, help="story request (default: one validators send)")
+    _add_config_flags(demo)
+    demo.set_defaults(func=cmd_demo)
+    gen = sub.add_parser("generate", help="print one task's output_data JSON")
+    gen.add_argument("--task", required=True, choices=["blueprint", "characters", "story_arc", "chapters"])
+    gen.add_argument("--input", required=True, help="the story request")
+    gen.add_argument("--context", type=Path, help="JSON with blueprint/characters/story_arc/chapter_ids")
+    _add_config_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+    for name, target, text in [("health", "miner.health:main", "check config, backends and a running miner"),
+                               ("fit", "models.fit:main", "plan GPU offload for a model and a VRAM budget")]:
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(target))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from backends.base import BackendError
+    try:
+        return args.func(args)
+    except (ConfigError, BackendError) as e:
+        log.error("%s", e)
+        return 2

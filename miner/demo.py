@@ -1,0 +1,100 @@
+"""`python -m miner demo`: the whole path a validator's request takes, on 127.0.0.1.
+
+A miner starts offline with the configured (or embedded) model; a real Dendrite signed by a throwaway
+wallet sends the four tasks in the order a story is built, each answer becoming the next one's
+context, and every answer is held against the contract. Exit 0 only if all four meet it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+import tempfile
+import time
+from typing import Any
+
+import bittensor as bt
+from bittensor_wallet import Wallet
+
+from miner import examples
+from miner.config import Config
+from miner.neuron import Miner, no_public_ip_lookup
+from miner.protocol import StoryGenerationSynapse
+from miner.tasks import TASKS, ContractError, Context
+
+log = logging.getLogger(__name__)
+
+VALIDATOR_TIMEOUT_S = 60  # what validators pass to the Dendrite
+META_KEYS = ("model_info", "generation_time")
+
+
+def make_wallet(path: str, name: str) -> Wallet:
+    wallet = Wallet(name=name, hotkey="default", path=path)
+    wallet.create_new_coldkey(use_password=False, overwrite=True, suppress=True)
+    wallet.create_new_hotkey(use_password=False, overwrite=True, suppress=True)
+    return wallet
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_offline_miner(config: Config, service, wallet_dir: str, allowed: list[str]) -> Miner:
+    """A miner on a free loopback port that answers only the allowed hotkeys."""
+    config = config.model_copy(update={
+        "offline": config.offline.model_copy(update={"allowed_hotkeys": allowed}),
+        "axon": config.axon.model_copy(update={"port": free_port()})})
+    miner = Miner(config, service, make_wallet(wallet_dir, "demo-miner"), offline=True)
+    miner.start()
+    return miner
+
+
+def _contract_check(task: str, answer: Any, ctx: Context) -> str | None:
+    if not isinstance(answer, dict):
+        return f"no JSON object came back ({type(answer).__name__})"
+    if "error" in answer:
+        return answer["error"]
+    try:
+        TASKS[task].check({k: v for k, v in answer.items() if k not in META_KEYS}, ctx)
+    except ContractError as e:
+        return str(e)
+    return None
+
+
+def run_demo(config: Config, user_input: str | None = None) -> int:
+    from backends.chain import Chain
+    from miner.service import StoryService
+
+    service = StoryService(Chain.from_config(config.backends, config.chain), config.generation)
+    context: dict[str, Any] = {"user_input": user_input or examples.USER_INPUT, "chapter_ids": examples.CHAPTER_IDS}
+    fallback = examples.example_fields("chapters")
+    failures = 0
+    with tempfile.TemporaryDirectory() as wallets, no_public_ip_lookup():
+        validator = make_wallet(wallets, "demo-validator")
+        miner = start_offline_miner(config, service, wallets, [validator.hotkey.ss58_address])
+        dendrite = bt.Dendrite(wallet=validator)
+        try:
+            for task in TASKS:
+                needs = {k: context.get(k) or fallback[k] for k in TASKS[task].needs}
+                synapse = StoryGenerationSynapse(task_type=task, user_input=context["user_input"], **needs)
+                started = time.monotonic()
+                answer = dendrite.query(axons=[miner.axon.info()], synapse=synapse,
+                                        timeout=VALIDATOR_TIMEOUT_S, deserialize=True)[0]
+                seconds = time.monotonic() - started
+                problem = _contract_check(task, answer, Context(user_input=context["user_input"], **needs))
+                failures += problem is not None
+                model = (answer or {}).get("model_info", {}).get("name", "?") if isinstance(answer, dict) else "?"
+                print(f"== {task}: {'meets the contract' if problem is None else 'FAILED: ' + problem} "
+                      f"in {seconds:.1f} s ({model})")
+                print(json.dumps(answer, ensure_ascii=False, indent=2))
+                sys.stdout.flush()
+                if problem is None and task != "chapters":
+                    context[task] = {k: v for k, v in answer.items() if k not in META_KEYS}
+        finally:
+            miner.close()
+            service.chain.close()
+    print(f"== {len(TASKS) - failures} of {len(TASKS)} tasks met the contract")
+    return 0 if failures == 0 else 1

@@ -1,0 +1,52 @@
+"""A built-in example context, shaped like the small fixed objects validators send with a request,
+for `generate` without --context and for tests. It is input to the model, never an answer."""
+from __future__ import annotations
+
+from typing import Any
+
+USER_INPUT = "一个关于太空探险的故事"
+
+BLUEPRINT: dict[str, Any] = {
+    "title": "The Silent Relay",
+    "genre": "science fiction",
+    "setting": "A mining convoy drifting through the outer asteroid belt in 2291, where the relay stations "
+               "that once linked it to Earth have gone quiet one by one.",
+    "core_conflict": "A young navigator must decide whether to trust a signal from a dead station or the "
+                     "convoy captain who wants it ignored.",
+    "themes": ["trust", "isolation", "the cost of discovery"],
+    "tone": "tense and wondering",
+    "target_audience": "young adults and adult readers of space adventure",
+}
+
+_CAST = [
+    ("protagonist", "Lin Yao", "the reluctant hero"),
+    ("ally", "Okoro Dale", "the loyal engineer"),
+    ("rival", "Captain Mara Venn", "the hard-line commander"),
+    ("mentor", "Old Teodor", "the retired relay keeper"),
+    ("wildcard", "ECHO", "the station AI of unknown loyalty"),
+]
+CHARACTERS: dict[str, Any] = {"characters": [
+    {"id": cid, "name": name, "archetype": archetype,
+     "background": f"{name} has spent years aboard the convoy.", "motivation": "to bring the convoy home",
+     "skills": ["navigation"], "personality_traits": ["stubborn"],
+     "relationships": {other: "crewmate" for other, _, _ in _CAST if other != cid}}
+    for cid, name, archetype in _CAST]}
+
+STORY_ARC: dict[str, Any] = {
+    "title": "The Silent Relay",
+    "description": "A navigator follows a signal from a dead relay station into the dark.",
+    "chapters": [{"id": i, "title": f"Chapter {i}", "description": f"The convoy's journey, step {i}.",
+                  "storyProgress": round(i / 12, 2)} for i in range(1, 13)],
+    "arcs": {"act1": {"chapters": [1, 2, 3]}, "act2a": {"chapters": [4, 5, 6]},
+             "act2b": {"chapters": [7, 8, 9]}, "act3": {"chapters": [10, 11, 12]}},
+    "themes": {"primary": "trust"},
+    "hooks": {"opening": "A dead station starts to speak."},
+}
+
+CHAPTER_IDS = [1]
+
+
+def example_fields(task_type: str, user_input: str = USER_INPUT) -> dict[str, Any]:
+    """Request fields for task_type with the example context filled in."""
+    return {"task_type": task_type, "user_input": user_input, "blueprint": BLUEPRINT,
+            "characters": CHARACTERS, "story_arc": STORY_ARC, "chapter_ids": CHAPTER_IDS}

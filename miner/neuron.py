@@ -1,0 +1,189 @@
+"""The neuron: an Axon serving StoryGenerationSynapse with forward, blacklist and priority.
+
+Chain mode checks the hotkey is registered, serves the axon on chain and resyncs the metagraph.
+Offline mode listens on 127.0.0.1 only, touches no chain, and answers only allowlisted hotkeys.
+Identity comes only from `synapse.dendrite.hotkey`.
+No `from __future__ import annotations` here: Axon.attach() inspects the real annotation objects.
+"""
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import typing
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import bittensor as bt
+from bittensor_wallet import Wallet
+
+from miner import __version__
+from miner.config import Config
+from miner.protocol import StoryGenerationSynapse, unknown_model_info
+from miner.service import StoryService
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+AXON_START_TIMEOUT_S = 10.0
+RESPONSE_MARGIN_S = 5.0  # keep this much of the validator's timeout for the trip back
+
+
+class StartupError(Exception):
+    """The miner cannot start; the message says what to fix."""
+
+
+@contextlib.contextmanager
+def no_public_ip_lookup() -> Iterator[None]:
+    """bittensor asks a web service for the public IP when an Axon or Dendrite is built; offline
+    (loopback, no internet) that lookup fails, so it answers loopback instead."""
+    from bittensor.utils import networking
+    original = networking.get_external_ip
+    networking.get_external_ip = lambda: LOOPBACK
+    try:
+        yield
+    finally:
+        networking.get_external_ip = original
+
+
+@dataclass(frozen=True)
+class Caller:
+    uid: int
+    stake: float
+    validator_permit: bool
+
+
+class CallerTable:
+    """hotkey -> caller facts, rebuilt whole on each metagraph sync and swapped in at once."""
+
+    def __init__(self) -> None:
+        self._by_hotkey: dict[str, Caller] = {}
+
+    def update(self, metagraph) -> None:
+        stakes = [float(s) for s in metagraph.S]
+        self._by_hotkey = {
+            hotkey: Caller(uid, stakes[uid], bool(metagraph.validator_permit[uid]))
+            for uid, hotkey in enumerate(metagraph.hotkeys)}
+
+    def get(self, hotkey: str) -> Caller | None:
+        return self._by_hotkey.get(hotkey)
+
+
+class Miner:
+    def __init__(self, config: Config, service: StoryService, wallet: Wallet, *, offline: bool):
+        self.config = config
+        self.service = service
+        self.wallet = wallet
+        self.offline = offline
+        self.allowed = set(config.offline.allowed_hotkeys)
+        self.callers = CallerTable()
+        self.subtensor = None
+        self.metagraph = None
+        self.axon: bt.Axon | None = None
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="generate")
+        self._stop = threading.Event()
+
+    # --- the three functions the Axon calls -------------------------------------------------------
+    async def forward(self, synapse: StoryGenerationSynapse) -> StoryGenerationSynapse:
+        fields = {name: getattr(synapse, name) for name in
+                  ("task_type", "user_input", "blueprint", "characters", "story_arc", "chapter_ids")}
+        timeout = float(synapse.timeout or 60.0) - RESPONSE_MARGIN_S
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(self._executor, self.service.answer, fields, timeout)
+        synapse.output_data = answer.output
+        synapse.generation_time = round(answer.seconds, 3)
+        synapse.miner_version = __version__
+        synapse.model_info = answer.model_info or unknown_model_info()
+        caller = synapse.dendrite.hotkey if synapse.dendrite else None
+        log.info("%s for %s: %s in %.2f s", fields["task_type"] or "?", caller,
+                 "ok" if answer.ok else answer.output["error"], answer.seconds)
+        return synapse
+
+    async def blacklist(self, synapse: StoryGenerationSynapse) -> typing.Tuple[bool, str]:
+        hotkey = synapse.dendrite.hotkey if synapse.dendrite else None
+        if not hotkey:
+            return True, "request carries no hotkey"
+        if self.offline:
+            return (False, "allowlisted") if hotkey in self.allowed else (True, "hotkey not in offline.allowed_hotkeys")
+        caller = self.callers.get(hotkey)
+        rules = self.config.blacklist
+        if caller is None:
+            return (True, "hotkey not registered") if rules.require_registered else (False, "unregistered allowed")
+        if rules.require_validator_permit and not caller.validator_permit:
+            return True, "caller has no validator permit"
+        if caller.stake < rules.min_stake:
+            return True, f"caller stake {caller.stake:.1f} below blacklist.min_stake"
+        return False, "registered caller"
+
+    async def priority(self, synapse: StoryGenerationSynapse) -> float:
+        caller = self.callers.get(synapse.dendrite.hotkey) if synapse.dendrite else None
+        return caller.stake if caller else 0.0
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def _connect_chain(self) -> None:
+        s = self.config.subtensor
+        self.subtensor = bt.Subtensor(network=s.chain_endpoint or s.network)
+        hotkey = self.wallet.hotkey.ss58_address
+        if not self.subtensor.is_hotkey_registered(hotkey_ss58=hotkey, netuid=self.config.netuid):
+            raise StartupError(
+                f"hotkey {hotkey} ({self.config.wallet.name}/{self.config.wallet.hotkey}) is not registered on "
+                f"netuid {self.config.netuid}: register it with `btcli subnet register --netuid "
+                f"{self.config.netuid} --wallet.name {self.config.wallet.name} --wallet.hotkey "
+                f"{self.config.wallet.hotkey}`, or try the miner with --offline")
+        self.metagraph = self.subtensor.metagraph(self.config.netuid)
+        self.callers.update(self.metagraph)
+
+    def start(self) -> bt.Axon:
+        a = self.config.axon
+        if self.offline:
+            with no_public_ip_lookup():
+                axon = bt.Axon(wallet=self.wallet, port=a.port, ip=LOOPBACK, external_ip=LOOPBACK)
+            axon.fast_server.config.host = LOOPBACK  # Axon binds 0.0.0.0 whatever ip= says
+        else:
+            self._connect_chain()
+            axon = bt.Axon(wallet=self.wallet, port=a.port, ip=a.ip, external_ip=a.external_ip,
+                           external_port=a.external_port)
+            axon.fast_server.config.host = a.ip
+        axon.attach(forward_fn=self.forward, blacklist_fn=self.blacklist, priority_fn=self.priority)
+        if not self.offline:
+            axon.serve(netuid=self.config.netuid, subtensor=self.subtensor)
+        axon.start()
+        self.axon = axon
+        self._wait_listening(axon)
+        log.info("axon serving StoryGenerationSynapse on %s:%d (%s)", axon.fast_server.config.host, a.port,
+                 "offline, allowlist only" if self.offline else f"netuid {self.config.netuid}")
+        return axon
+
+    @staticmethod
+    def _wait_listening(axon: bt.Axon) -> None:
+        """Axon.start() returns before uvicorn listens; a port already taken never gets there."""
+        deadline = time.monotonic() + AXON_START_TIMEOUT_S
+        while not axon.fast_server.started:
+            if time.monotonic() > deadline:
+                raise StartupError(f"the axon did not start listening on {axon.fast_server.config.host}:"
+                                   f"{axon.port} within {AXON_START_TIMEOUT_S:.0f} s; is the port in use? "
+                                   f"Pick another with --axon.port")
+            time.sleep(0.01)
+
+    def resync(self) -> None:
+        if self.metagraph is not None:
+            self.metagraph.sync(subtensor=self.subtensor)
+            self.callers.update(self.metagraph)
+
+    def run_until_stopped(self) -> None:
+        """Serve until stop() (SIGINT/SIGTERM); chain mode resyncs the metagraph on the way."""
+        while not self._stop.wait(self.config.resync_s):
+            try:
+                self.resync()
+            except Exception as e:  # a flaky chain endpoint must not stop serving
+                log.warning("metagraph resync failed, keeping the last one: %s", e)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        if self.axon is not None:
+            self.axon.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)

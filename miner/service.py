@@ -1,0 +1,116 @@
+"""One request, start to finish, with no Axon in sight: check the inputs, ask the backend chain,
+check the answer against the contract, and build output_data (the answer, or a clear error)."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.base import BackendError, Generation, Request
+from backends.chain import Chain
+from miner.config import GenerationSettings
+from miner.tasks import TASKS, Context, TaskInputError, TaskSpec, parse_json_object
+
+log = logging.getLogger(__name__)
+
+MAX_CHAPTER_ID = 100
+
+
+@dataclass
+class Answer:
+    output: dict[str, Any]
+    seconds: float
+    model_info: dict[str, Any] | None = None  # None: nothing was generated
+    generation: Generation | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return "error" not in self.output
+
+
+def _check_text(name: str, value: Any, limit: int, required: bool) -> str:
+    if not isinstance(value, str):
+        raise TaskInputError(f"{name} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise TaskInputError(f"{name} is empty")
+    if len(value) > limit:
+        raise TaskInputError(f"{name} has {len(value)} characters; the limit is {limit} "
+                             f"(generation.max_input_chars)")
+    return value
+
+
+def _check_context(name: str, value: Any, limit: int) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TaskInputError(f"{name} must be a JSON object, got {type(value).__name__}")
+    size = len(json.dumps(value, ensure_ascii=False))
+    if size > limit:
+        raise TaskInputError(f"{name} is {size} characters of JSON; the limit is {limit} "
+                             f"(generation.max_context_chars)")
+    return value
+
+
+def _check_chapter_ids(value: Any, limit: int) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise TaskInputError("chapter_ids must be a non-empty list of chapter numbers")
+    if len(value) > limit:
+        raise TaskInputError(f"{len(value)} chapter_ids asked for; this miner writes at most {limit} per "
+                             f"request (generation.max_chapters)")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= MAX_CHAPTER_ID for i in value):
+        raise TaskInputError(f"chapter_ids must be whole numbers from 1 to {MAX_CHAPTER_ID}, got {value[:20]}")
+    if len(set(value)) != len(value):
+        raise TaskInputError("chapter_ids must not repeat")
+    return value
+
+
+class StoryService:
+    def __init__(self, chain: Chain, settings: GenerationSettings):
+        self.chain = chain
+        self.settings = settings
+
+    def prepare(self, fields: dict[str, Any]) -> tuple[TaskSpec, Context]:
+        """Validate a request's fields into a task spec and its context; raise TaskInputError if unusable."""
+        task_type = fields.get("task_type")
+        if task_type not in TASKS:
+            raise TaskInputError(f"task_type must be one of {', '.join(TASKS)}, got {task_type!r}")
+        spec = TASKS[task_type]
+        s = self.settings
+        ctx = Context(
+            user_input=_check_text("user_input", fields.get("user_input", ""), s.max_input_chars, required=True),
+            blueprint=_check_context("blueprint", fields.get("blueprint"), s.max_context_chars),
+            characters=_check_context("characters", fields.get("characters"), s.max_context_chars),
+            story_arc=_check_context("story_arc", fields.get("story_arc"), s.max_context_chars),
+            chapter_ids=_check_chapter_ids(fields.get("chapter_ids"), s.max_chapters),
+        )
+        missing = [name for name in spec.needs if getattr(ctx, name) is None]
+        if missing:
+            raise TaskInputError(f"task {task_type} needs {', '.join(missing)}; the request has none")
+        return spec, ctx
+
+    def request_for(self, spec: TaskSpec, ctx: Context, deadline: float) -> Request:
+        return Request(
+            messages=spec.messages(ctx, self.settings.language), schema=spec.schema(ctx),
+            max_tokens=spec.max_tokens(ctx), deadline=deadline,
+            temperature=self.settings.temperature, top_p=self.settings.top_p)
+
+    def answer(self, fields: dict[str, Any], timeout_s: float | None = None) -> Answer:
+        """Blocking. Never raises for bad input or failed backends: the output then carries `error`."""
+        start = time.monotonic()
+        budget = self.settings.deadline_s if timeout_s is None else min(self.settings.deadline_s, timeout_s)
+        try:
+            spec, ctx = self.prepare(fields)
+            request = self.request_for(spec, ctx, start + budget)
+            output, generation = self.chain.generate(
+                request, lambda g: spec.check(parse_json_object(g.text), ctx))
+        except (TaskInputError, BackendError) as e:
+            log.warning("request failed: %s", e)
+            return Answer({"error": str(e)}, time.monotonic() - start)
+        seconds = time.monotonic() - start
+        info = generation.model.to_wire()
+        output = {**output, "model_info": info, "generation_time": round(seconds, 3)}
+        return Answer(output, seconds, info, generation)

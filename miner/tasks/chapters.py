@@ -1,0 +1,86 @@
+"""chapters: the full text of the requested chapters, each ending in choices for the reader."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from miner.tasks.common import check_dict, check_str, const, obj, text
+
+CONTENT = (1000, 3000)  # the contract's bounds, in characters
+CHOICE_IDS = ("A", "B", "C")
+
+
+def _planned(ctx, chapter_id: int) -> str:
+    """The story arc's line for this chapter, if it has one."""
+    for chapter in (ctx.story_arc or {}).get("chapters") or []:
+        if isinstance(chapter, dict) and chapter.get("id") == chapter_id:
+            return f"{chapter.get('title', '')}: {chapter.get('description', '')}"
+    return "the next step of the story arc"
+
+
+def instructions(ctx) -> str:
+    plans = "\n".join(f"- chapter {i}: {_planned(ctx, i)}" for i in ctx.chapter_ids)
+    return (
+        "Write these chapters of the story as JSON {\"chapters\": [...]}:\n" + plans + "\n"
+        "Each chapter has id, title, content (the chapter itself as flowing prose with scenes, dialogue and "
+        "the characters by name, 1100-2200 characters) and choices: 2 or 3 decisions the reader can take "
+        "at the end, each with id, text, and consequences (an object whose outcome says what that choice "
+        "leads to; every choice leads somewhere different).")
+
+
+def _choice(choice_id: str) -> dict[str, Any]:
+    return obj(id=const(choice_id), text=text(5, 100), consequences=obj(outcome=text(20, 160)))
+
+
+def _chapter(chapter_id: int) -> dict[str, Any]:
+    return obj(
+        id=const(chapter_id), title=text(2, 60), content=text(CONTENT[0], 2400),
+        choices={"type": "array", "prefixItems": [_choice(c) for c in CHOICE_IDS], "items": False,
+                 "minItems": 2, "maxItems": len(CHOICE_IDS)})
+
+
+def schema(ctx) -> dict[str, Any]:
+    items = [_chapter(i) for i in ctx.chapter_ids]
+    return obj(chapters={"type": "array", "prefixItems": items, "items": False,
+                         "minItems": len(items), "maxItems": len(items)})
+
+
+def max_tokens(ctx) -> int:
+    return 3500 * len(ctx.chapter_ids)
+
+
+def _check_choices(choices: Any, where: str) -> list[str]:
+    if not isinstance(choices, list) or not 2 <= len(choices) <= 4:
+        return [f"{where}choices must be a list of 2-4 objects"]
+    problems: list[str] = []
+    for j, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            problems.append(f"{where}choices.{j} must be an object")
+            continue
+        check_str(problems, choice, "text", where=f"{where}choices.{j}.")
+        if choice.get("id") in (None, ""):
+            problems.append(f"{where}choices.{j}.id is missing")
+        check_dict(problems, choice, "consequences", f"{where}choices.{j}.")
+    outcomes = [json.dumps(c.get("consequences"), sort_keys=True, ensure_ascii=False)
+                for c in choices if isinstance(c, dict)]
+    if len(set(outcomes)) != len(outcomes):
+        problems.append(f"{where}choices must have different consequences")
+    return problems
+
+
+def check(answer: dict, ctx) -> list[str]:
+    chapters = answer.get("chapters")
+    if not isinstance(chapters, list) or len(chapters) != len(ctx.chapter_ids):
+        return [f"chapters must be a list of {len(ctx.chapter_ids)} objects, one per requested id"]
+    problems: list[str] = []
+    for i, (chapter, wanted) in enumerate(zip(chapters, ctx.chapter_ids)):
+        where = f"chapters.{i}."
+        if not isinstance(chapter, dict):
+            problems.append(f"chapters.{i} must be an object")
+            continue
+        if chapter.get("id") != wanted:
+            problems.append(f"{where}id must be {wanted}")
+        check_str(problems, chapter, "title", where=where)
+        check_str(problems, chapter, "content", *CONTENT, where=where)
+        problems += _check_choices(chapter.get("choices"), where)
+    return problems

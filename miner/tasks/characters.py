@@ -1,0 +1,60 @@
+"""characters: exactly five people, with fixed ids, each tied to at least two of the others."""
+from __future__ import annotations
+
+from typing import Any
+
+from miner.tasks.common import check_dict, check_str, check_str_list, const, exact_items, obj, text, texts
+
+ROLES = ("protagonist", "ally", "rival", "mentor", "wildcard")
+# Whom each character's relationships describe: fixed pairs keep the schema exact and the cast connected.
+TIES = {"protagonist": ("ally", "rival"), "ally": ("protagonist", "mentor"),
+        "rival": ("protagonist", "wildcard"), "mentor": ("protagonist", "ally"),
+        "wildcard": ("protagonist", "rival")}
+
+
+def instructions(ctx) -> str:
+    return (
+        "Create the story's five characters as JSON: {\"characters\": [...]} in the order protagonist, ally, "
+        "rival, mentor, wildcard. Each has id, name, archetype, background (2 sentences), motivation, "
+        "skills (2-4), personality_traits (2-4) and relationships: how they relate to the named characters. "
+        "Fit them to the blueprint's world and conflict.")
+
+
+def _character(role: str) -> dict[str, Any]:
+    return obj(
+        id=const(role), name=text(2, 40), archetype=text(3, 40), background=text(60, 240),
+        motivation=text(20, 150), skills=texts(2, 4, 2, 30), personality_traits=texts(2, 4, 2, 24),
+        relationships=obj(**{other: text(10, 100) for other in TIES[role]}))
+
+
+def schema(ctx) -> dict[str, Any]:
+    return obj(characters=exact_items([_character(role) for role in ROLES]))
+
+
+def max_tokens(ctx) -> int:
+    return 3000
+
+
+def check(answer: dict, ctx) -> list[str]:
+    cast = answer.get("characters")
+    if not isinstance(cast, list) or len(cast) != len(ROLES):
+        return [f"characters must be a list of exactly {len(ROLES)} objects"]
+    problems: list[str] = []
+    ids = [c.get("id") if isinstance(c, dict) else None for c in cast]
+    if sorted(map(str, ids)) != sorted(ROLES):
+        problems.append(f"character ids must be {', '.join(ROLES)}; got {ids}")
+    for i, person in enumerate(cast):
+        where = f"characters.{i}."
+        if not isinstance(person, dict):
+            problems.append(f"characters.{i} must be an object")
+            continue
+        for key in ("id", "name", "archetype", "background", "motivation"):
+            check_str(problems, person, key, where=where)
+        for key in ("skills", "personality_traits"):
+            check_str_list(problems, person, key, where=where)
+        if check_dict(problems, person, "relationships", where):
+            others = [k for k, v in person["relationships"].items()
+                      if k in ROLES and k != person.get("id") and isinstance(v, str) and v.strip()]
+            if len(others) < 2:
+                problems.append(f"{where}relationships must describe at least 2 other characters by id")
+    return problems

@@ -1,0 +1,1 @@
+"""Models the miner runs: the catalog, downloads, conversion, VRAM planning, the embedded demo model."""

@@ -1,0 +1,331 @@
+"""VRAM planning for llama.cpp: GPU layers, context length, KV cache type and flash attention.
+
+VRAM needed = weights of the GPU layers + KV cache of those layers + compute buffer + CUDA context.
+The constants are calibrated on facts.md's table (Llama-3.1-8B Q4_K_M, H100, VRAM added by loading);
+every row of that table is predicted within 1% (tests/test_fit.py). Layers left on the CPU cost ~5x
+decode speed, so the planner fills the GPU first and only then grows the context.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models import catalog
+from models.catalog import Profile, load_profile
+
+MiB, GiB = 1 << 20, 1 << 30
+# CUDA context, cuBLAS workspace and small activations: what every facts.md row leaves once the terms
+# below are taken out (575-585 MiB on the H100; smaller on consumer cards, so this errs safe there).
+CUDA_OVERHEAD = 580 * MiB
+N_UBATCH = 512               # llama-cpp-python's micro-batch: compute buffers scale with it
+MARGIN_SHARE, MARGIN_MIN = 0.05, 256 * MiB  # repeated loads in facts.md differ by up to 78 MiB
+CTX_CAP_GPU = 16384          # beyond this a story miner's KV cache only costs memory
+CTX_CPU = 8192               # CPU-only default context
+CTX_STEP = 1024
+# system-RAM read rate seen in facts.md's partial-offload rows (28/33: 45 tok/s, 20/33: 20.5 tok/s,
+# 16-core server); decode with CPU layers is bound by reading their weights once per token.
+CPU_READ_BYTES_PER_S = 45e9
+KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
+GGML_GPU_DEVICE_TYPES = (1, 2)  # ggml_backend_dev_type: GPU, IGPU
+
+
+@dataclass(frozen=True)
+class Plan:
+    n_gpu_layers: int        # 0..n_layer+1; n_layer+1 = every block and the output layer
+    n_ctx: int
+    kv_cache_type: str       # "f16" or "q8_0"
+    flash_attn: bool
+    vram_budget_bytes: int | None   # None: no GPU offload available
+    estimated_vram_bytes: int
+    notes: list[str]
+    model: str = ""
+    n_layer: int = 0
+    breakdown: tuple[tuple[str, int], ...] = ()
+    budget_source: str = ""
+    profile: Profile | None = field(default=None, repr=False, compare=False)
+
+    def table(self) -> str:
+        rows = [("model", self.model), ("n_gpu_layers", _layers_text(self)),
+                ("n_ctx", str(self.n_ctx)), ("kv_cache_type", self.kv_cache_type),
+                ("flash_attn", "on" if self.flash_attn else "off")]
+        rows += [(f"  {label}", f"{b / MiB:,.0f} MiB") for label, b in self.breakdown]
+        if self.vram_budget_bytes is None:
+            rows.append(("VRAM budget", "none: no GPU offload"))
+        else:
+            budget, usable = self.vram_budget_bytes / MiB, _usable(self.vram_budget_bytes) / MiB
+            rows += [("estimated VRAM", f"{self.estimated_vram_bytes / MiB:,.0f} MiB"),
+                     ("VRAM budget", f"{budget:,.0f} MiB ({self.budget_source}); "
+                                     f"{usable:,.0f} MiB after the safety margin")]
+        rows += [("note", n) for n in self.notes]
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{'setting':<{width}}  value", f"{'-' * width}  {'-' * 40}"]
+        return "\n".join(lines + [f"{k:<{width}}  {v}" for k, v in rows])
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "n_gpu_layers": self.n_gpu_layers, "n_ctx": self.n_ctx,
+                "kv_cache_type": self.kv_cache_type, "flash_attn": self.flash_attn,
+                "vram_budget_bytes": self.vram_budget_bytes,
+                "estimated_vram_bytes": self.estimated_vram_bytes,
+                "budget_source": self.budget_source, "breakdown": dict(self.breakdown), "notes": self.notes}
+
+
+def _layers_text(p: Plan) -> str:
+    n, total = p.n_gpu_layers, p.n_layer + 1
+    if n == total:
+        return f"{n} of {total}: all {p.n_layer} blocks and the output layer on the GPU"
+    if n == 0:
+        return f"0 of {total}: every layer on the CPU"
+    return f"{n} of {total}: blocks {p.n_layer - n}-{p.n_layer - 1} on the GPU, the rest on the CPU"
+
+
+def _llama_cpp():
+    """Import llama_cpp before anything imports numpy: the other order made CUDA loads segfault (facts.md)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp
+
+
+# ---- the estimate -----------------------------------------------------------------------------------
+
+def estimate(p: Profile, n_gpu_layers: int, n_ctx: int, kv_cache_type: str,
+             flash_attn: bool) -> dict[str, int]:
+    """VRAM by purpose for one setting (llama.cpp puts the last n blocks, then the output, on the GPU)."""
+    blocks = min(n_gpu_layers, p.n_layer)
+    output_on_gpu = n_gpu_layers > p.n_layer
+    weights = sum(p.layout.block_bytes[p.n_layer - blocks:]) + (p.layout.output_bytes if output_on_gpu else 0)
+    kv = blocks * n_ctx * p.n_head_kv * (p.head_dim_k + p.head_dim_v) * KV_ELEMENT_BYTES[kv_cache_type]
+    logits = N_UBATCH * p.n_vocab * 4
+    # with the output layer on the CPU, facts.md shows one more logits-sized buffer (+240 MiB for 8B):
+    # llama.cpp still runs the prompt's large matmuls on the GPU
+    staging = logits if output_on_gpu else 2 * logits
+    scores = 0 if flash_attn else N_UBATCH * n_ctx * p.n_head * 4  # f32 attention scores without FA
+    return {"weights on GPU": weights, "KV cache on GPU": int(kv),
+            "compute buffer": max(staging, scores),  # ggml reuses memory: the largest peak counts
+            "CUDA context": CUDA_OVERHEAD}
+
+
+def _usable(budget: int) -> int:
+    return budget - max(MARGIN_MIN, int(budget * MARGIN_SHARE))
+
+
+def _speed_note(p: Profile, n: int) -> str:
+    if n > p.n_layer:
+        return "every layer on the GPU: full decode speed (facts.md: 8B Q4_K_M 229 tok/s on an H100)"
+    cpu_blocks = range(p.n_layer - min(n, p.n_layer))
+    share = p.n_expert_used / p.n_expert if p.n_expert else 1.0  # MoE: only the chosen experts are read
+    per_token = p.layout.output_bytes + sum(
+        p.layout.block_bytes[i] - p.layout.expert_bytes[i] * (1 - share) for i in cpu_blocks)
+    return (f"{p.n_layer + 1 - n} of {p.n_layer + 1} layers stay on the CPU: {per_token / GiB:.1f} GiB of "
+            f"weights are read from system RAM for every token, so decode tops out near "
+            f"{CPU_READ_BYTES_PER_S / per_token:.2g} tok/s on a fast 16-core host and about half that on a "
+            "dual-channel desktop (facts.md: 8B with 28 of 33 layers 45 tok/s, all 33 229 tok/s)")
+
+
+def _make_plan(p: Profile, n: int, n_ctx: int, kv: str, fa: bool, budget: int | None, source: str,
+               notes: list[str]) -> Plan:
+    parts = estimate(p, n, n_ctx, kv, fa) if budget is not None else {}
+    notes = notes + ([_speed_note(p, n)] if budget is not None else [])
+    return Plan(n, n_ctx, kv, fa, budget, sum(parts.values()), notes, p.name, p.n_layer,
+                tuple(parts.items()), source, p)
+
+
+# ---- planning -----------------------------------------------------------------------------------------
+
+_SETTINGS = {"n_gpu_layers": int, "n_ctx": int, "kv_cache_type": ("f16", "q8_0"), "flash_attn": bool}
+
+
+def _check(name: str, value: object) -> None:
+    allowed = _SETTINGS[name]
+    ok = value in allowed if isinstance(allowed, tuple) else isinstance(value, allowed)
+    if value != "auto" and not ok:
+        shown = " or ".join(allowed) if isinstance(allowed, tuple) else f"a {allowed.__name__}"
+        raise ValueError(f"{name}: expected 'auto' or {shown}, got {value!r}")
+
+
+def _ctx_options(p: Profile, n_ctx: int | str, min_ctx: int, gpu: bool) -> list[int]:
+    if n_ctx != "auto":
+        return [int(n_ctx) or p.n_ctx_train]  # 0 means the trained context, as in llama.cpp
+    if not gpu:  # the KV cache lives in system RAM: no budget to fill
+        return [max(min_ctx, min(p.n_ctx_train, CTX_CPU))]
+    top = max(min(p.n_ctx_train, CTX_CAP_GPU), min_ctx)
+    return [top] + [c for c in range(top - top % CTX_STEP, min_ctx - 1, -CTX_STEP) if c < top]
+
+
+def _candidates(p: Profile, layers: list[int], n_ctx: int | str, min_ctx: int, kv: str, fa: bool | str):
+    """Settings from most to least wanted: more layers, then more context, then f16 over q8_0."""
+    for n in layers:
+        for c in _ctx_options(p, n_ctx, min_ctx, gpu=n > 0):
+            use_fa = fa if fa != "auto" else n > 0  # FA: much faster prefill on CUDA (facts.md)
+            for k in ([kv] if kv != "auto" else ["f16", "q8_0"] if use_fa else ["f16"]):
+                yield n, c, k, use_fa
+
+
+def plan_profile(p: Profile, vram_bytes: int | None, budget_source: str = "", *,
+                 n_gpu_layers: int | str = "auto", n_ctx: int | str = "auto", kv_cache_type: str = "auto",
+                 flash_attn: bool | str = "auto", min_ctx: int = 4096) -> Plan:
+    """Plan with a known budget; vram_bytes None = CPU only, budget_source then says why."""
+    for name, value in (("n_gpu_layers", n_gpu_layers), ("n_ctx", n_ctx), ("kv_cache_type", kv_cache_type),
+                        ("flash_attn", flash_attn)):
+        _check(name, value)
+    if kv_cache_type == "q8_0" and flash_attn is False:
+        raise ValueError("kv_cache_type q8_0 needs flash_attn (llama.cpp quantizes the V cache only "
+                         "with it): set flash_attn: true or kv_cache_type: f16")
+    if vram_bytes is None:
+        _, ctx, kv, fa = next(_candidates(p, [0], n_ctx, min_ctx, kv_cache_type, flash_attn))
+        ignored = ([f"n_gpu_layers {n_gpu_layers} ignored: nothing to offload to"]
+                   if n_gpu_layers not in ("auto", 0) else [])
+        return _make_plan(p, 0, ctx, kv, fa, None, "",
+                          [budget_source or "CPU only: no GPU offload in this llama.cpp build", *ignored])
+    all_layers = p.n_layer + 1
+    layers = ([all_layers if n_gpu_layers < 0 else min(n_gpu_layers, all_layers)] if n_gpu_layers != "auto"
+              else list(range(all_layers, -1, -1)))
+    cands = list(_candidates(p, layers, n_ctx, min_ctx, kv_cache_type, flash_attn))
+    usable = _usable(vram_bytes)
+    chosen = next((c for c in cands if sum(estimate(p, *c).values()) <= usable), None)
+    notes = []
+    if chosen is None:
+        chosen = cands[-1]
+        notes.append(f"may not fit: even this needs more than the {usable / MiB:,.0f} MiB usable; "
+                     "free GPU memory or lower the fixed settings")
+    n, ctx, kv, fa = chosen
+    if kv == "q8_0" and kv_cache_type == "auto":
+        notes.append("KV cache q8_0: an f16 cache of this context does not fit; decode ~12% slower "
+                     "(facts.md: 202 vs 229 tok/s)")
+    return _make_plan(p, n, ctx, kv, fa, vram_bytes, budget_source, notes)
+
+
+def plan(model_path: str | Path, *, vram_bytes: int | None = None, n_gpu_layers: int | str = "auto",
+         n_ctx: int | str = "auto", kv_cache_type: str = "auto", flash_attn: bool | str = "auto",
+         min_ctx: int = 4096) -> Plan:
+    """Plan for a GGUF file (or a catalog name). vram_bytes None: ask the GPU for its free memory."""
+    profile = load_profile(model_path)
+    source = "given"
+    if vram_bytes is None:
+        probed = _probe_vram()
+        vram_bytes, source = probed if probed else (None, _no_gpu_reason())
+    return plan_profile(profile, vram_bytes, source, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
+                        kv_cache_type=kv_cache_type, flash_attn=flash_attn, min_ctx=min_ctx)
+
+
+def fewer_layers(p: Plan) -> Plan | None:
+    """The plan to try after a CUDA out-of-memory at load: enough fewer layers to free ~5% of VRAM."""
+    if p.n_gpu_layers == 0 or p.profile is None or p.vram_budget_bytes is None:
+        return None
+    target = p.estimated_vram_bytes - max(MARGIN_MIN, int(p.estimated_vram_bytes * MARGIN_SHARE))
+    n = p.n_gpu_layers - 1
+    while n > 0 and sum(estimate(p.profile, n, p.n_ctx, p.kv_cache_type, p.flash_attn).values()) > target:
+        n -= 1
+    return _make_plan(p.profile, n, p.n_ctx, p.kv_cache_type, p.flash_attn, p.vram_budget_bytes,
+                      p.budget_source, [f"out of memory with {p.n_gpu_layers} GPU layers: retrying with {n}"])
+
+
+# ---- free VRAM ---------------------------------------------------------------------------------------
+
+def _ggml_free_vram(llama_cpp) -> int | None:
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    names = [n for n in ("libggml.so", "libggml.dylib", "ggml.dll") if (lib_dir / n).exists()]
+    if not names:
+        return None
+    ggml = ctypes.CDLL(str(lib_dir / names[0]))  # already loaded by llama_cpp: same device registry
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p] + [ctypes.POINTER(ctypes.c_size_t)] * 2
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        if ggml.ggml_backend_dev_type(dev) in GGML_GPU_DEVICE_TYPES:  # the first GPU: llama.cpp's main_gpu
+            free, total = ctypes.c_size_t(), ctypes.c_size_t()
+            ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            return free.value
+    return None
+
+
+def _torch_free_vram(_llama_cpp) -> int | None:
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+    return torch.cuda.mem_get_info(0)[0] if torch.cuda.is_available() else None
+
+
+def _nvidia_smi_free_vram(_llama_cpp) -> int | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=20)
+    first = out.stdout.strip().splitlines()[:1]
+    return int(first[0]) * MiB if out.returncode == 0 and first and first[0].isdigit() else None
+
+
+_VRAM_PROBES = (("llama.cpp's ggml device API", _ggml_free_vram),
+                ("torch.cuda.mem_get_info", _torch_free_vram), ("nvidia-smi", _nvidia_smi_free_vram))
+
+
+def _probe_vram() -> tuple[int, str] | None:
+    llama_cpp = _llama_cpp()
+    if llama_cpp is None or not llama_cpp.llama_supports_gpu_offload():
+        return None
+    for name, probe in _VRAM_PROBES:
+        free = probe(llama_cpp)
+        if free is not None:
+            return free, f"free VRAM from {name}"
+    return None
+
+
+def _no_gpu_reason() -> str:
+    llama_cpp = _llama_cpp()
+    if llama_cpp is not None and llama_cpp.llama_supports_gpu_offload():
+        return ("CPU only: llama.cpp can offload but no free-VRAM figure was found; "
+                "give one with --vram-gb (or vram_bytes)")
+    return ("CPU only: this llama-cpp-python has no GPU offload; for CUDA: CMAKE_ARGS=\"-DGGML_CUDA=on\" "
+            "pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36")
+
+
+def free_vram_bytes() -> int | None:
+    """Free memory of the first GPU; None when llama.cpp has no GPU offload."""
+    probed = _probe_vram()
+    return probed[0] if probed else None
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m miner fit", description=(
+        "Plan n_gpu_layers, context length, KV cache type and flash attention for a GGUF model."))
+    ap.add_argument("--model", help=f"a .gguf path or a catalog name ({', '.join(catalog.MODELS)}); "
+                                    "default: the embedded demo model")
+    ap.add_argument("--quant", default="Q4_K_M", help="for catalog names: Q4_K_M (default) or Q4_0")
+    ap.add_argument("--vram-gb", type=float,
+                    help="plan for this much free VRAM (GiB) instead of asking the GPU")
+    ap.add_argument("--min-ctx", type=int, default=4096, help="smallest acceptable context (default 4096)")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = ap.parse_args(argv)
+    try:
+        if args.model is None:
+            from models.embedded import embedded_model_path
+            args.model = str(embedded_model_path())
+        profile = load_profile(args.model, args.quant)
+        if args.vram_gb is not None:
+            budget, source = int(args.vram_gb * GiB), f"--vram-gb {args.vram_gb:g}"
+        else:
+            budget, source = _probe_vram() or (None, _no_gpu_reason())
+        result = plan_profile(profile, budget, source, min_ctx=args.min_ctx)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

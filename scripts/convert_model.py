@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Convert a Hugging Face checkpoint (llama, qwen2, mixtral) to a quantized GGUF file for llama.cpp.
+
+    scripts/convert_model.py SOURCE [--quant Q4_K_M|Q4_0|Q8_0|none] [--outtype f16|bf16|f32] [--out FILE] [--json]
+
+SOURCE is a checkpoint directory (safetensors or torch .bin) or a Hugging Face repo id. The path of the
+file written goes to stdout (a JSON object with --json); progress and errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+try:
+    from models.convert import OUTTYPES, QUANTS, ConversionError, convert  # noqa: E402
+except ModuleNotFoundError as missing:
+    sys.exit(f"convert_model.py needs the Python package {missing.name!r}: "
+             f"run `.venv/bin/pip install -r requirements-convert.txt`")
+
+log = logging.getLogger("convert_model")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source",
+                        help="checkpoint directory, or a Hugging Face repo id such as Qwen/Qwen2.5-0.5B-Instruct")
+    parser.add_argument("--quant", choices=list(QUANTS), default="Q4_K_M",
+                        help="llama.cpp quantization of the final file; 'none' keeps --outtype (default: %(default)s)")
+    parser.add_argument("--outtype", choices=list(OUTTYPES), default="f16",
+                        help="precision of the unquantized GGUF written first (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="output file (default: ./NAME-QUANT.gguf)")
+    parser.add_argument("--json", action="store_true",
+                        help="print a JSON object describing the file instead of its path")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every tensor as it is written")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = convert(args.source, quant=args.quant, outtype=args.outtype, out=args.out)
+    except ConversionError as exc:
+        log.error("%s", exc)
+        return 1
+    if args.json:
+        fields = {"path": str(result.path), "arch": result.arch, "outtype": result.outtype,
+                  "quant": result.quant, "tensors": result.n_tensors, "bytes": result.size_bytes}
+        print(json.dumps(fields))
+    else:
+        print(result.path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Shared fixtures: the embedded model in llama.cpp, throwaway wallets, a loopback-only bittensor."""
+from __future__ import annotations
+
+import contextlib
+
+# llama_cpp before numpy/torch: the other order made CUDA model loading segfault (facts.md).
+with contextlib.suppress(ImportError):
+    import llama_cpp  # noqa: F401
+
+import pytest
+
+from miner.config import LlamaCppSettings
+
+
+@pytest.fixture(scope="session")
+def embedded_backend():
+    """The embedded demo model, loaded once for the whole run (a real llama.cpp model, 98 MB)."""
+    from backends.llama_cpp import LlamaCppBackend
+    backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="local", n_ctx=4096))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture()
+def loopback_bittensor(monkeypatch):
+    """No public-IP lookups: Axon and Dendrite would ask a web service this machine cannot reach."""
+    from bittensor.utils import networking
+    monkeypatch.setattr(networking, "get_external_ip", lambda: "127.0.0.1")

@@ -1,0 +1,129 @@
+"""A real Axon and a real Dendrite on 127.0.0.1, wallets made in a temp dir, the embedded model in
+llama.cpp answering: the path a validator's request takes, end to end."""
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import bittensor as bt
+import pytest
+
+from backends.chain import BackendState, Chain
+from miner import examples
+from miner.config import Config, GenerationSettings
+from miner.demo import make_wallet, start_offline_miner
+from miner.protocol import StoryGenerationSynapse
+from miner.service import StoryService
+from miner.tasks import TASKS, Context
+
+META = ("model_info", "generation_time")
+
+
+@pytest.fixture(scope="module")
+def served(embedded_backend, tmp_path_factory):
+    """An offline miner allowlisting one validator wallet; yields (miner, validator dendrite, stranger dendrite)."""
+    from bittensor.utils import networking
+    original = networking.get_external_ip
+    networking.get_external_ip = lambda: "127.0.0.1"
+    wallets = str(tmp_path_factory.mktemp("wallets"))
+    validator, stranger = make_wallet(wallets, "validator"), make_wallet(wallets, "stranger")
+    # The longest deadline the config allows: CPU time here is shared, and speed is bench.py's business.
+    config = Config(generation=GenerationSettings(deadline_s=55))
+    service = StoryService(Chain([BackendState(embedded_backend, "local")]), config.generation)
+    miner = start_offline_miner(config, service, wallets, [validator.hotkey.ss58_address])
+    try:
+        yield miner, bt.Dendrite(wallet=validator), bt.Dendrite(wallet=stranger)
+    finally:
+        miner.close()
+        networking.get_external_ip = original
+
+
+def ask(dendrite, miner, synapse, deserialize=False):
+    return dendrite.query(axons=[miner.axon.info()], synapse=synapse, timeout=60, deserialize=deserialize)[0]
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_each_task_answers_within_the_contract(served, task):
+    miner, validator, _ = served
+    fields = examples.example_fields(task)
+    synapse = StoryGenerationSynapse(**fields)
+    response = ask(validator, miner, synapse)
+    assert response.is_success, response.dendrite.status_message
+    output = response.output_data
+    assert "error" not in output, output
+    ctx = Context(**{k: fields[k] for k in ("user_input", "blueprint", "characters", "story_arc", "chapter_ids")})
+    TASKS[task].check({k: v for k, v in output.items() if k not in META}, ctx)
+    # Validators that deserialize see only output_data: model_info must be there, honest and known.
+    assert output["model_info"]["mode"] == "local"
+    assert "embedded demo model" in output["model_info"]["name"]
+    assert response.model_info == output["model_info"]
+    assert response.generation_time > 0 and response.miner_version
+
+
+def test_deserialize_returns_output_data(served):
+    miner, validator, _ = served
+    synapse = StoryGenerationSynapse(task_type="characters", user_input="x")  # no blueprint: a quick error
+    assert ask(validator, miner, synapse, deserialize=True) == {"error": "task characters needs blueprint; the request has none"}
+
+
+def test_allowlist_rejects_an_unknown_hotkey(served):
+    miner, _, stranger = served
+    response = ask(stranger, miner, StoryGenerationSynapse(**examples.example_fields("blueprint")))
+    assert response.dendrite.status_code == 403
+    assert "offline.allowed_hotkeys" in response.dendrite.status_message
+    assert response.output_data is None
+
+
+BAD_REQUESTS = [
+    ({"task_type": "", "user_input": "a story"}, "task_type must be one of"),
+    ({"task_type": "blueprint", "user_input": ""}, "user_input is empty"),
+    ({"task_type": "blueprint", "user_input": "x" * 5000}, "generation.max_input_chars"),
+    ({"task_type": "story_arc", "user_input": "x", "blueprint": examples.BLUEPRINT}, "needs characters"),
+    ({"task_type": "characters", "user_input": "x", "blueprint": {"filler": "y" * 40_000}}, "max_context_chars"),
+    ({**examples.example_fields("chapters"), "chapter_ids": []}, "non-empty list"),
+    ({**examples.example_fields("chapters"), "chapter_ids": [-3]}, "from 1 to 100"),
+    ({**examples.example_fields("chapters"), "chapter_ids": list(range(1, 3001))}, "generation.max_chapters"),
+    ({**examples.example_fields("chapters"), "chapter_ids": [2, 2]}, "must not repeat"),
+]
+
+
+@pytest.mark.parametrize("fields,message", BAD_REQUESTS, ids=[m for _, m in BAD_REQUESTS])
+def test_bad_requests_get_a_clear_error_and_the_miner_keeps_serving(served, fields, message):
+    miner, validator, _ = served
+    response = ask(validator, miner, StoryGenerationSynapse(**fields))
+    assert response.is_success
+    assert message in response.output_data["error"]
+    assert response.model_info["mode"] == "unknown"  # nothing generated: claim no model
+
+
+def test_a_malformed_synapse_is_refused_and_serving_goes_on(served):
+    miner, validator, _ = served
+    bad = StoryGenerationSynapse(**examples.example_fields("characters"))
+    bad.__dict__["task_type"] = "poem"  # skips validation here, as a misbehaving client's would
+    assert not ask(validator, miner, bad).is_success
+    # A non-string user_input straight on the wire, unsigned: refused before any generation.
+    request = urllib.request.Request(f"http://127.0.0.1:{miner.axon.port}/StoryGenerationSynapse",
+                                     data=json.dumps({"user_input": [1, 2]}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code >= 400
+    after = ask(validator, miner, StoryGenerationSynapse(task_type="characters", user_input="x"))
+    assert after.is_success and "needs blueprint" in after.output_data["error"]
+
+
+def test_concurrent_requests_queue_and_all_answer(served):
+    miner, validator, _ = served
+    synapse = StoryGenerationSynapse(task_type="blueprint", user_input="一个时间旅行的故事")
+
+    async def both():
+        return await validator.forward(axons=[miner.axon.info()] * 2, synapse=synapse, timeout=60, deserialize=False)
+
+    responses = asyncio.run(both())
+    outputs = [r.output_data for r in responses]
+    assert all(r.is_success for r in responses)
+    for output in outputs:
+        TASKS["blueprint"].check({k: v for k, v in output.items() if k not in META}, Context(user_input="x"))
+    assert outputs[0]["title"] != outputs[1]["title"] or outputs[0]["setting"] != outputs[1]["setting"]

@@ -1,0 +1,271 @@
+"""Catalog entries and downloads: the real huggingface_hub client against a loopback hub."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import namedtuple
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from huggingface_hub import constants
+
+from models import catalog
+from models.download import (ChecksumMismatchError, GatedRepoAccessError, NotEnoughDiskError,
+                             download_quant, yaml_snippet)
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<fn>.+)$")
+COMMIT = "c0ffee" * 6 + "beef"
+CHUNK = constants.DOWNLOAD_CHUNK_SIZE  # huggingface_hub writes (and so can resume) whole chunks only
+
+
+def payload(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+@dataclass
+class FakeHub:
+    """Speaks the hub's file protocol: HEAD/GET /{repo}/resolve/{rev}/{file}, Range -> 206."""
+    files: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # key -> (served bytes, claimed sha)
+    gated: dict[str, int] = field(default_factory=dict)                # repo -> HTTP status
+    drop_once: dict[str, int] = field(default_factory=dict)            # key -> bytes sent before dropping
+    stall: dict[str, tuple[int, threading.Event]] = field(default_factory=dict)
+    requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, key, Range)
+    url: str = ""
+
+    def add(self, repo: str, filename: str, content: bytes, claimed: bytes | None = None) -> None:
+        self.files[f"{repo}/{filename}"] = (content, hashlib.sha256(claimed or content).hexdigest())
+
+    def ranges(self, key: str) -> list[str]:
+        return [r for m, k, r in self.requests if m == "GET" and k == key and r]
+
+    def gets(self) -> int:
+        return sum(m == "GET" for m, _, _ in self.requests)
+
+
+def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # keep pytest output clean
+            pass
+
+        def _refuse(self, status: int, code: str, body: bool) -> None:
+            data = json.dumps({"error": f"{code}: access to this repo is restricted"}).encode()
+            self.send_response(status)
+            self.send_header("X-Error-Code", code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def _serve(self, body: bool) -> None:
+            m = RESOLVE.match(self.path)
+            key = f"{m['repo']}/{unquote(m['fn'])}" if m else self.path
+            rng = self.headers.get("Range")
+            hub.requests.append((self.command, key, rng))
+            if m and m["repo"] in hub.gated:
+                return self._refuse(hub.gated[m["repo"]], "GatedRepo", body)
+            if key not in hub.files:
+                return self._refuse(404, "EntryNotFound", body)
+            content, sha = hub.files[key]
+            start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+            self.send_response(206 if rng else 200)
+            for name, value in (("X-Repo-Commit", COMMIT), ("ETag", f'"{sha}"'),
+                                ("X-Linked-Etag", f'"{sha}"'), ("X-Linked-Size", str(len(content))),
+                                ("Accept-Ranges", "bytes"), ("Content-Length", str(len(content) - start))):
+                self.send_header(name, value)
+            if rng:
+                self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
+            self.end_headers()
+            if body:
+                self._body(key, content[start:], first=not rng)
+
+        def _body(self, key: str, data: bytes, first: bool) -> None:
+            if first and key in hub.drop_once:  # a connection lost mid-file
+                self.wfile.write(data[:hub.drop_once.pop(key)])
+                return
+            if first and key in hub.stall:      # a client killed mid-file
+                n, release = hub.stall.pop(key)
+                self.wfile.write(data[:n])
+                self.wfile.flush()
+                release.wait(30)
+                return
+            self.wfile.write(data)
+
+        def do_HEAD(self) -> None:
+            self._serve(body=False)
+
+        def do_GET(self) -> None:
+            self._serve(body=True)
+
+    return Handler
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token reaches the fake hub
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    fake = FakeHub()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+    server.daemon_threads = True
+    fake.url = f"http://127.0.0.1:{server.server_port}"
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield fake
+    for _, release in fake.stall.values():
+        release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def tiny_quant(*files: str, repo: str = "tester/Tiny-GGUF") -> catalog.Quant:
+    return catalog.Quant("Q4_K_M", repo, files, 0, "test")
+
+
+def run_cli(hub: FakeHub, tmp_path: Path, *args: str,
+            wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
+    """scripts/download_model.py in its own process: HF_ENDPOINT is read when huggingface_hub is imported."""
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"),
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "download_model.py"), *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+
+# ---- catalog ------------------------------------------------------------------------------------------
+
+def test_catalog_has_the_four_models_with_both_quants() -> None:
+    assert set(catalog.MODELS) == {"llama-3.1-8b", "llama-3.1-70b", "qwen2.5-7b", "mixtral-8x7b"}
+    for entry in catalog.MODELS.values():
+        for quant in ("Q4_K_M", "Q4_0"):
+            q = entry.quant(quant)
+            assert q.files and all(f.endswith(".gguf") for f in q.files), q
+            n = len(q.files)
+            if n > 1:  # llama.cpp split naming: every part, in order
+                assert [f[-20:] for f in q.files] == [f"-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+    assert catalog.get("Llama-3.1-8B").quant("q4_k_m").total_bytes == 4_920_733_536
+    assert len(catalog.get("qwen2.5-7b").quant("Q4_K_M").files) == 2
+    assert catalog.get("llama-3.1-8b").source_gated and not catalog.get("qwen2.5-7b").source_gated
+
+
+def test_unknown_names_list_the_choices() -> None:
+    with pytest.raises(catalog.UnknownModelError, match="llama-3.1-8b, llama-3.1-70b"):
+        catalog.get("gpt-5")
+    with pytest.raises(catalog.UnknownModelError, match="Q4_K_M, Q4_0"):
+        catalog.get("mixtral-8x7b").quant("Q8_0")
+
+
+# ---- downloads ----------------------------------------------------------------------------------------
+
+def test_dropped_connection_resumes_with_range_and_verifies(hub: FakeHub, tmp_path: Path) -> None:
+    data = payload(CHUNK + CHUNK // 2, seed=1)
+    hub.add("tester/Tiny-GGUF", "tiny-Q4_K_M.gguf", data)
+    hub.drop_once["tester/Tiny-GGUF/tiny-Q4_K_M.gguf"] = CHUNK + 1000
+    stale = tmp_path / "m" / "tiny-Q4_K_M.gguf.0123456789abcdef.part"  # left by an older version
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    quiet = {"endpoint": hub.url, "log": lambda _: None}
+    paths = download_quant(tiny_quant("tiny-Q4_K_M.gguf"), tmp_path / "m", **quiet)
+    assert paths == [tmp_path / "m" / "tiny-Q4_K_M.gguf"]
+    assert paths[0].read_bytes() == data
+    assert hub.ranges("tester/Tiny-GGUF/tiny-Q4_K_M.gguf") == [f"bytes={CHUNK}-"]
+    assert not list((tmp_path / "m").glob("*.part"))  # the stale part is gone too
+    gets = hub.gets()
+    download_quant(tiny_quant("tiny-Q4_K_M.gguf"), tmp_path / "m", **quiet)
+    assert hub.gets() == gets  # already there and verified: nothing fetched again
+
+
+def test_killed_download_resumes_on_the_next_run(hub: FakeHub, tmp_path: Path) -> None:
+    quant = catalog.get("llama-3.1-8b").quant("Q4_K_M")
+    key = f"{quant.repo}/{quant.files[0]}"
+    data = payload(CHUNK + CHUNK // 4, seed=2)
+    hub.add(quant.repo, quant.files[0], data)
+    release = threading.Event()
+    hub.stall[key] = (CHUNK + 1000, release)
+    proc = run_cli(hub, tmp_path, "llama-3.1-8b", "--dir", "models", wait=False)
+    part = tmp_path / "models" / f"{quant.files[0]}.{hashlib.sha256(data).hexdigest()[:16]}.part"
+    deadline = time.monotonic() + 30
+    while not (part.is_file() and part.stat().st_size == CHUNK) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    release.set()
+    assert part.stat().st_size == CHUNK
+
+    done = run_cli(hub, tmp_path, "llama-3.1-8b", "--dir", "models")
+    assert done.returncode == 0, done.stderr
+    assert hub.ranges(key) == [f"bytes={CHUNK}-"]
+    assert (tmp_path / "models" / quant.files[0]).read_bytes() == data
+    assert done.stdout == ("backends:\n  - type: llama_cpp\n"
+                           f"    model_path: models/{quant.files[0]}\n    n_gpu_layers: auto\n")
+    assert "resuming" in done.stderr
+
+
+def test_corrupted_file_is_caught_and_moved_aside(hub: FakeHub, tmp_path: Path) -> None:
+    good = payload(8 * 1024, seed=3)
+    bad = bytes(b ^ 0xFF if i == 100 else b for i, b in enumerate(good))
+    hub.add("tester/Tiny-GGUF", "tiny-Q4_K_M.gguf", bad, claimed=good)
+    with pytest.raises(ChecksumMismatchError, match="Run the same command again") as err:
+        download_quant(tiny_quant("tiny-Q4_K_M.gguf"), tmp_path, endpoint=hub.url, log=lambda _: None)
+    assert hashlib.sha256(good).hexdigest() in str(err.value)
+    assert not (tmp_path / "tiny-Q4_K_M.gguf").exists()
+    assert (tmp_path / "tiny-Q4_K_M.gguf.corrupt").read_bytes() == bad
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_split_gguf_fetches_every_part(hub: FakeHub, tmp_path: Path) -> None:
+    quant = catalog.get("qwen2.5-7b").quant("Q4_K_M")
+    parts = {fn: payload(5000 + i, seed=10 + i) for i, fn in enumerate(quant.files)}
+    for fn, data in parts.items():
+        hub.add(quant.repo, fn, data)
+    done = run_cli(hub, tmp_path, "qwen2.5-7b", "--dir", "weights", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert [Path(p).name for p in out["files"]] == list(quant.files)
+    assert out["model_path"] == out["files"][0]
+    for fn, data in parts.items():
+        assert (tmp_path / "weights" / fn).read_bytes() == data
+    assert "model_path: weights/qwen2.5-7b-instruct-q4_k_m-00001-of-00002.gguf" in out["yaml"]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_gated_repo_says_how_to_log_in(hub: FakeHub, tmp_path: Path, status: int) -> None:
+    hub.add("meta-llama/Gated-GGUF", "g.gguf", b"x" * 100)
+    hub.gated["meta-llama/Gated-GGUF"] = status
+    with pytest.raises(GatedRepoAccessError) as err:
+        download_quant(tiny_quant("g.gguf", repo="meta-llama/Gated-GGUF"), tmp_path, endpoint=hub.url)
+    msg = str(err.value)
+    assert f"HTTP {status}" in msg and "hf auth login" in msg and "HF_TOKEN" in msg
+    assert "https://huggingface.co/meta-llama/Gated-GGUF" in msg
+    assert hub.gets() == 0 and not list(tmp_path.iterdir())
+
+
+def test_full_disk_is_refused_before_downloading(hub: FakeHub, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    hub.add("tester/Tiny-GGUF", "a.gguf", payload(3000, seed=4))
+    hub.add("tester/Tiny-GGUF", "b.gguf", payload(4000, seed=5))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10_000, 9_000, 1_000))
+    with pytest.raises(NotEnoughDiskError) as err:
+        download_quant(tiny_quant("a.gguf", "b.gguf"), tmp_path / "d", endpoint=hub.url)
+    assert str(tmp_path / "d") in str(err.value)
+    assert "needs 7,000 bytes more but only 1,000 bytes is free" in str(err.value)
+    assert "--dir" in str(err.value)
+    assert hub.gets() == 0
+
+
+def test_yaml_quotes_paths_that_need_it(tmp_path: Path) -> None:
+    odd = tmp_path / "my models: new" / "m.gguf"
+    assert f"model_path: {json.dumps(str(odd))}" in yaml_snippet(odd)

@@ -1,0 +1,83 @@
+"""The llama.cpp backend on real GGUF files: the embedded model, and broken files that must fail clearly."""
+import json
+import time
+
+import pytest
+
+from backends.base import BackendError, DeadlineExceeded, Request
+from backends.llama_cpp import LlamaCppBackend
+from miner.config import LlamaCppSettings
+from miner.tasks import TASKS, Context
+from models.embedded import embedded_model_path
+
+
+def settings(path) -> LlamaCppSettings:
+    return LlamaCppSettings(type="llama_cpp", model_path=str(path))
+
+
+def ask(content: str, **kw) -> Request:
+    kw.setdefault("deadline", time.monotonic() + 60)
+    kw.setdefault("max_tokens", 16)
+    return Request(messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_a_missing_model_file_names_the_path_and_how_to_get_one(tmp_path):
+    missing = tmp_path / "llama-8b.gguf"
+    with pytest.raises(BackendError) as err:
+        LlamaCppBackend.from_settings(settings(missing))
+    assert str(missing) in str(err.value) and "scripts/download_model.py" in str(err.value)
+
+
+def test_a_file_that_is_not_gguf_is_refused_before_loading(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"<html>404 Not Found</html>")
+    with pytest.raises(BackendError, match="is not a GGUF file"):
+        LlamaCppBackend.from_settings(settings(fake))
+
+
+def test_a_truncated_gguf_fails_with_the_path_and_a_fix(tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(embedded_model_path().read_bytes()[: 4 << 20])  # a download that stopped at 4 MB
+    with pytest.raises(BackendError) as err:
+        LlamaCppBackend.from_settings(settings(cut))
+    assert str(cut) in str(err.value) and "re-download" in str(err.value)
+
+
+def test_info_names_the_demo_model_honestly(embedded_backend):
+    info = embedded_backend.info().to_wire()
+    assert info["mode"] == "local" and info["provider"] == "llama.cpp"
+    assert "embedded demo model" in info["name"]
+    assert info["parameters"]["n_ctx"] == 4096
+
+
+def test_free_text_generation_reports_its_tokens(embedded_backend):
+    generation = embedded_backend.generate(ask("Name a color.", max_tokens=8))
+    assert generation.text and 0 < generation.completion_tokens <= 8
+    assert generation.prompt_tokens > 5 and generation.backend == "local"
+    assert generation.finish_reason in ("stop", "length")
+
+
+def test_max_tokens_bounds_the_answer(embedded_backend):
+    generation = embedded_backend.generate(ask("Write a long story about the sea.", max_tokens=5))
+    assert generation.completion_tokens == 5 and generation.finish_reason == "length"
+
+
+def test_the_deadline_stops_a_generation(embedded_backend):
+    with pytest.raises(DeadlineExceeded):
+        embedded_backend.generate(ask("Write a very long story.", max_tokens=3000, deadline=time.monotonic() + 0.5))
+    # The model is free again afterwards.
+    assert embedded_backend.generate(ask("Say hi.", max_tokens=3)).completion_tokens > 0
+
+
+def test_a_blueprint_under_the_task_grammar_meets_the_contract(embedded_backend):
+    ctx = Context(user_input="A story about a lighthouse keeper")
+    spec = TASKS["blueprint"]
+    request = Request(messages=spec.messages(ctx), max_tokens=spec.max_tokens(ctx),
+                      deadline=time.monotonic() + 60, schema=spec.schema(ctx))
+    answer = json.loads(embedded_backend.generate(request).text)
+    assert spec.check(answer, ctx) == answer
+
+
+def test_health_runs_a_tiny_real_generation(embedded_backend):
+    health = embedded_backend.health()
+    assert health.ok and "generated" in health.detail and "CPU only" in health.detail

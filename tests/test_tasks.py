@@ -1,0 +1,98 @@
+"""The contract checks: they pass what the protocol asks for and name exactly what breaks it."""
+import copy
+
+import pytest
+
+from miner import examples
+from miner.tasks import TASKS, Context, ContractError, parse_json_object
+from miner.tasks.characters import ROLES
+from miner.tasks.common import detect_language, language_instruction
+
+CTX = Context(user_input="一个关于太空探险的故事", blueprint=examples.BLUEPRINT, characters=examples.CHARACTERS,
+              story_arc=examples.STORY_ARC, chapter_ids=[1])
+
+GOOD = {
+    "blueprint": examples.BLUEPRINT,
+    "characters": examples.CHARACTERS,
+    "story_arc": examples.STORY_ARC,
+    "chapters": {"chapters": [{
+        "id": 1, "title": "The Signal", "content": "The relay spoke at midnight. " * 40,
+        "choices": [{"id": "A", "text": "Answer it", "consequences": {"outcome": "The station wakes."}},
+                    {"id": "B", "text": "Stay silent", "consequences": {"outcome": "The convoy drifts on."}}]}]},
+}
+
+
+def broken(task, change):
+    answer = copy.deepcopy(GOOD[task])
+    change(answer)
+    return answer
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_a_contract_answer_passes(task):
+    assert TASKS[task].check(copy.deepcopy(GOOD[task]), CTX)
+
+
+BREAKS = [
+    ("blueprint", lambda a: a.update(setting="too short"), "setting has 9 characters, needs 50-300"),
+    ("blueprint", lambda a: a.update(themes=["one"]), "themes has 1 items, needs 2-5"),
+    ("blueprint", lambda a: a.pop("tone"), "tone must be a non-empty string"),
+    ("characters", lambda a: a["characters"].pop(), "exactly 5 objects"),
+    ("characters", lambda a: a["characters"][4].update(id="villain"), "character ids must be"),
+    ("characters", lambda a: a["characters"][0].update(relationships={"ally": "friend"}), "at least 2 other"),
+    ("characters", lambda a: a["characters"][1].update(skills="cooking"), "characters.1.skills must be a list"),
+    ("story_arc", lambda a: a["chapters"].pop(), "exactly 12 objects"),
+    ("story_arc", lambda a: a["chapters"][5].update(storyProgress=0.1), "chapters.5.storyProgress must rise"),
+    ("story_arc", lambda a: a["arcs"]["act2b"].update(chapters=[7, 8]), "arcs.act2b.chapters"),
+    ("story_arc", lambda a: a.update(hooks=[]), "hooks must be an object"),
+    ("chapters", lambda a: a["chapters"][0].update(content="Too short."), "content has 10 characters"),
+    ("chapters", lambda a: a["chapters"][0].update(id=2), "chapters.0.id must be 1"),
+    ("chapters", lambda a: a["chapters"][0]["choices"].pop(), "choices must be a list of 2-4"),
+    ("chapters", lambda a: a["chapters"][0]["choices"][1].update(consequences={"outcome": "The station wakes."}),
+     "different consequences"),
+]
+
+
+@pytest.mark.parametrize("task,change,message", BREAKS, ids=[m for _, _, m in BREAKS])
+def test_a_broken_answer_names_the_problem(task, change, message):
+    with pytest.raises(ContractError, match=message.replace("(", r"\(")):
+        TASKS[task].check(broken(task, change), CTX)
+
+
+def test_a_bare_list_is_not_an_answer():
+    with pytest.raises(ContractError, match="expected a JSON object"):
+        TASKS["characters"].check(GOOD["characters"]["characters"], CTX)
+
+
+def test_parse_finds_the_object_inside_a_code_fence():
+    assert parse_json_object('Sure!\n```json\n{"a": [1, 2]}\n```') == {"a": [1, 2]}
+    for text, message in [("no json here", "no JSON object"), ('{"a": }', "not valid JSON")]:
+        with pytest.raises(ContractError, match=message):
+            parse_json_object(text)
+
+
+def test_schemas_pin_what_json_schema_can():
+    characters = TASKS["characters"].schema(CTX)["properties"]["characters"]
+    assert [c["properties"]["id"]["const"] for c in characters["prefixItems"]] == list(ROLES)
+    arc = TASKS["story_arc"].schema(CTX)["properties"]
+    assert [c["properties"]["id"]["const"] for c in arc["chapters"]["prefixItems"]] == list(range(1, 13))
+    assert list(arc["arcs"]["properties"]) == ["act1", "act2a", "act2b", "act3"]
+    content = TASKS["chapters"].schema(CTX)["properties"]["chapters"]["prefixItems"][0]["properties"]["content"]
+    assert content["minLength"] >= 1000 and content["maxLength"] <= 3000
+    blueprint = TASKS["blueprint"].schema(CTX)
+    assert blueprint["additionalProperties"] is False and set(blueprint["required"]) == set(GOOD["blueprint"])
+
+
+def test_messages_carry_the_request_its_context_and_the_language():
+    system, user = TASKS["story_arc"].messages(CTX)
+    assert "Simplified Chinese" in system["content"]
+    assert CTX.user_input in user["content"] and "The Silent Relay" in user["content"]
+    assert "Lin Yao" in user["content"]  # characters context included
+    assert "English" in TASKS["blueprint"].messages(CTX, language="English")[0]["content"]
+
+
+@pytest.mark.parametrize("text,language", [("一个AI觉醒的故事", "Simplified Chinese"), ("時間旅行の物語", "Japanese"),
+                                           ("История о космосе", "Russian"), ("A heist story", None)])
+def test_language_detection(text, language):
+    assert detect_language(text) == language
+    assert (language or "the language of the story request") in language_instruction(text, "auto")
