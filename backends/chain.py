@@ -85,33 +85,32 @@ class Chain:
 
     def generate(self, request: Request, accept: Callable[[Generation], T]) -> tuple[T, Generation]:
         """Return accept(generation) from the first backend whose answer accept() takes."""
-        reasons: list[tuple[str, str]] = []
+        reasons: dict[int, str] = {}  # by position in the YAML, so the final error reads in that order
         now = time.monotonic()
         # Backends on cool-down go last rather than never: better a probe than no answer.
-        order = sorted(self.states, key=lambda s: (s.backend is None, s.cooling(now)))
-        for state in order:
-            backend = state.backend
-            if backend is None:
-                reasons.append((state.label, state.build_error or "not built"))
+        order = sorted(range(len(self.states)), key=lambda i: (self.states[i].backend is None,
+                                                                self.states[i].cooling(now)))
+        for i in order:
+            state = self.states[i]
+            if state.backend is None:
+                reasons[i] = state.build_error or "not built"
                 continue
             if request.seconds_left() < MIN_SECONDS_TO_TRY:
-                reasons.append((state.label, "skipped: the deadline had passed"))
+                reasons[i] = "skipped: the deadline had passed"
                 continue
             try:
-                generation = backend.generate(request)
+                generation = state.backend.generate(request)
                 result = accept(generation)
             except (BackendError, ValueError) as e:
-                self._failed(state, str(e))
-                reasons.append((state.label, str(e)))
-                continue
+                reasons[i] = str(e)
             except Exception as e:  # a bug in one backend must not keep the next from answering
                 log.exception("backend %s raised an unexpected error", state.label)
-                self._failed(state, f"unexpected {type(e).__name__}: {e}")
-                reasons.append((state.label, f"unexpected {type(e).__name__}: {e}"))
-                continue
-            self._served(state)
-            return result, generation
-        raise AllBackendsFailed(reasons)
+                reasons[i] = f"unexpected {type(e).__name__}: {e}"
+            else:
+                self._served(state)
+                return result, generation
+            self._failed(state, reasons[i])
+        raise AllBackendsFailed([(self.states[i].label, reasons[i]) for i in sorted(reasons)])
 
     def _failed(self, state: BackendState, error: str) -> None:
         with self._lock:

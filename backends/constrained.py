@@ -8,6 +8,7 @@ result obeys the grammar exactly like the slow path, and only the loop itself is
 """
 from __future__ import annotations
 
+import codecs
 import ctypes
 import math
 import time
@@ -17,6 +18,7 @@ import llama_cpp
 import numpy as np
 
 from backends.base import BackendError, DeadlineExceeded
+from backends.jsonwalk import JsonWalker, WalkError
 
 
 @dataclass
@@ -25,6 +27,7 @@ class DecodeStats:
     finish_reason: str  # "stop" or "length"
     rejected: int  # sampled tokens the grammar refused (each costs one full-vocabulary filter)
     seconds: float
+    forced: int = 0  # tokens evaluated in batches because the schema left no choice
 
 
 class Sampler:
@@ -73,6 +76,15 @@ class Sampler:
             raise BackendError("the grammar allowed no token: the model and grammar disagree on the vocabulary")
         return cur.data[cur.selected].id
 
+    def accept_forced(self, tokens: list[int]) -> list[int]:
+        """Accept tokens the model had no choice over, up to the first the grammar refuses."""
+        for i, token in enumerate(tokens):
+            if self.grammar is not None:
+                if not self._allowed(token):
+                    return tokens[:i]
+                llama_cpp.llama_sampler_accept(self.grammar, token)
+        return tokens
+
     def sample(self) -> tuple[int, bool]:
         """The next token, and whether the grammar had to filter the full vocabulary for it."""
         token = llama_cpp.llama_sampler_sample(self.chain, self._llm.ctx, -1)
@@ -93,20 +105,47 @@ class Sampler:
             self.grammar = None
 
 
-def decode(llm: llama_cpp.Llama, sampler: Sampler, max_tokens: int, deadline: float) -> DecodeStats:
-    """Sample until end-of-generation, max_tokens, or the deadline (which raises)."""
+def decode(llm: llama_cpp.Llama, sampler: Sampler, max_tokens: int, deadline: float,
+           walker: JsonWalker | None = None) -> DecodeStats:
+    """Sample until end-of-generation (or the walker's JSON is complete), max_tokens, or the deadline
+    (which raises). Text the walker says is forced is evaluated as one batch, never sampled."""
     start = time.perf_counter()
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    limit = min(max_tokens, llm.n_ctx() - llm.n_tokens)
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
     tokens: list[int] = []
-    rejected = 0
-    room = llm.n_ctx() - llm.n_tokens
-    for _ in range(min(max_tokens, room)):
+    pending: list[int] = []  # tokens to evaluate, in one batch, before the next sample
+    rejected = forced = 0
+
+    def stats(reason: str) -> DecodeStats:
+        return DecodeStats(tokens, reason, rejected, time.perf_counter() - start, forced)
+
+    while True:
+        if walker is not None and walker.forced:
+            offered = llm.tokenize(walker.take_forced().encode(), add_bos=False, special=False)
+            accepted = sampler.accept_forced(offered)
+            if len(accepted) < len(offered):  # the grammar disagreed: sample from here on
+                walker = None
+            forced += len(accepted)
+            pending += accepted
+        if pending:
+            del pending[limit - len(tokens):]  # a forced run never overshoots max_tokens or n_ctx
+            llm.eval(pending)
+            tokens += pending
+            pending = []
+        if walker is not None and walker.done:
+            return stats("stop")
+        if len(tokens) >= limit:
+            return stats("length")
         if time.monotonic() > deadline:
             raise DeadlineExceeded(f"the deadline passed after {len(tokens)} tokens")
         token, was_rejected = sampler.sample()
         rejected += was_rejected
         if llama_cpp.llama_vocab_is_eog(vocab, token):
-            return DecodeStats(tokens, "stop", rejected, time.perf_counter() - start)
-        tokens.append(token)
-        llm.eval([token])
-    return DecodeStats(tokens, "length", rejected, time.perf_counter() - start)
+            return stats("stop")
+        pending.append(token)
+        if walker is not None:
+            try:
+                walker.feed(text.decode(llm.detokenize([token])))
+            except WalkError:
+                walker = None

@@ -6,6 +6,7 @@ max_tokens and by the request's deadline; output is grammar-constrained to the t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -19,6 +20,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from backends.base import Backend, BackendError, DeadlineExceeded, Generation, Health, ModelInfo, Request
 from backends.constrained import Sampler, decode
 from backends.grammar import SchemaNotSupported, schema_to_gbnf
+from backends.jsonwalk import JsonWalker, WalkError
 from models import fit
 from models.embedded import DISPLAY_NAME, EmbeddedModelMissing, embedded_model_path
 
@@ -143,19 +145,23 @@ class LlamaCppBackend(Backend):
             grammar = schema_to_gbnf(request.schema) if request.schema else None
         except SchemaNotSupported as e:
             raise BackendError(f"cannot constrain output to the schema: {e}") from None
+        walker = None
+        if request.schema:
+            with contextlib.suppress(WalkError):  # no walker: every token is sampled, still correct
+                walker = JsonWalker(request.schema)
         seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**31)
         sampler = Sampler(self.llm, grammar, temperature=request.temperature, top_p=request.top_p, seed=seed)
         try:
             self._prefill(tokens)
-            stats = decode(self.llm, sampler, request.max_tokens, request.deadline)
+            stats = decode(self.llm, sampler, request.max_tokens, request.deadline, walker)
         finally:
             sampler.close()
         if grammar and stats.finish_reason == "length":
             raise BackendError(f"max_tokens ({request.max_tokens}) ran out before the JSON was complete")
         text = self.llm.detokenize(stats.tokens).decode("utf-8", errors="replace")
         seconds = time.perf_counter() - start
-        log.debug("%s: %d prompt + %d tokens in %.2f s (%d grammar rejections)",
-                  self.name, len(tokens), len(stats.tokens), seconds, stats.rejected)
+        log.debug("%s: %d prompt + %d tokens (%d forced) in %.2f s, %d grammar rejections",
+                  self.name, len(tokens), len(stats.tokens), stats.forced, seconds, stats.rejected)
         return Generation(text=text, prompt_tokens=len(tokens), completion_tokens=len(stats.tokens),
                           seconds=seconds, backend=self.name, model=self.info(), finish_reason=stats.finish_reason)
 

@@ -7,7 +7,8 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from importlib import import_module
+from typing import Any
 
 from miner.config import Config, ConfigError, load_config
 
@@ -88,13 +89,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0 if answer.ok else 1
 
 
-def _delegate(target: str) -> Callable[[argparse.Namespace], int]:
-    """Commands whose own module parses the rest of the line."""
-    def run(args: argparse.Namespace) -> int:
-        module_name, fn = target.split(":")
-        module = __import__(module_name, fromlist=[fn])
-        return getattr(module, fn)(args.rest)
-    return run
+# Commands whose own module parses the rest of the line.
+DELEGATED = {"health": "miner.health:main", "fit": "models.fit:main"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,15 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--context", type=Path, help="JSON with blueprint/characters/story_arc/chapter_ids")
     _add_config_flags(gen)
     gen.set_defaults(func=cmd_generate)
-    for name, target, text in [("health", "miner.health:main", "check config, backends and a running miner"),
-                               ("fit", "models.fit:main", "plan GPU offload for a model and a VRAM budget")]:
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_delegate(target))
+    sub.add_parser("health", help="check config, backends and a running miner (health --help)")
+    sub.add_parser("fit", help="plan GPU offload for a model and a VRAM budget (fit --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        logging.basicConfig(level="INFO", stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+        module_name, fn = DELEGATED[argv[0]].split(":")
+        return getattr(import_module(module_name), fn)(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -88,6 +88,9 @@ BackendSettings = Annotated[
     Union[LlamaCppSettings, OpenAISettings, GeminiSettings, CustomSettings], Field(discriminator="type")]
 
 
+BACKEND_TYPES = ("llama_cpp", "openai", "gemini", "custom")
+
+
 class WalletSettings(_Strict):
     name: str = Field("default", description="Coldkey name (bittensor --wallet.name).")
     hotkey: str = Field("default", description="Hotkey name (bittensor --wallet.hotkey).")
@@ -155,7 +158,9 @@ class Config(_Strict):
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union")))
+        # pydantic puts the backend's type tag in the path (backends.0.llama_cpp.n_ctx); the YAML has none.
+        parts = [p for i, p in enumerate(e["loc"]) if not (i and isinstance(e["loc"][i - 1], int) and p in BACKEND_TYPES)]
+        loc = ".".join(str(p) for p in parts if not str(p).startswith(("function-", "tagged-union")))
         lines.append(f"  {loc or '(top level)'}: {e['msg']}")
     return "\n".join(lines)
 

@@ -46,7 +46,8 @@ def start_offline_miner(config: Config, service, wallet_dir: str, allowed: list[
     """A miner on a free loopback port that answers only the allowed hotkeys."""
     config = config.model_copy(update={
         "offline": config.offline.model_copy(update={"allowed_hotkeys": allowed}),
-        "axon": config.axon.model_copy(update={"port": free_port()})})
+        "axon": config.axon.model_copy(update={"port": free_port()}),
+        "health": config.health.model_copy(update={"port": 0})})  # never collide with a running miner
     miner = Miner(config, service, make_wallet(wallet_dir, "demo-miner"), offline=True)
     miner.start()
     return miner

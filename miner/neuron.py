@@ -21,6 +21,7 @@ from bittensor_wallet import Wallet
 
 from miner import __version__
 from miner.config import Config
+from miner.health import HealthMonitor
 from miner.protocol import StoryGenerationSynapse, unknown_model_info
 from miner.service import StoryService
 
@@ -84,6 +85,7 @@ class Miner:
         self.axon: bt.Axon | None = None
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="generate")
         self._stop = threading.Event()
+        self.health: HealthMonitor | None = None
 
     # --- the three functions the Axon calls -------------------------------------------------------
     async def forward(self, synapse: StoryGenerationSynapse) -> StoryGenerationSynapse:
@@ -152,6 +154,8 @@ class Miner:
         axon.start()
         self.axon = axon
         self._wait_listening(axon)
+        self.health = HealthMonitor(self.config, self.service.chain, (axon.fast_server.config.host, a.port))
+        self.health.start()
         log.info("axon serving StoryGenerationSynapse on %s:%d (%s)", axon.fast_server.config.host, a.port,
                  "offline, allowlist only" if self.offline else f"netuid {self.config.netuid}")
         return axon
@@ -184,6 +188,8 @@ class Miner:
         self._stop.set()
 
     def close(self) -> None:
+        if self.health is not None:
+            self.health.stop()
         if self.axon is not None:
             self.axon.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)

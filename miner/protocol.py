@@ -6,8 +6,16 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
+import logging
+
 import bittensor as bt
 from pydantic import Field, field_validator
+
+# Importing bittensor sets every logger that already exists to CRITICAL; ours go back to inheriting
+# the level the CLI chose. Every module that uses bittensor imports this one.
+for _name, _logger in list(logging.root.manager.loggerDict.items()):
+    if isinstance(_logger, logging.Logger) and _name.split(".")[0] in ("miner", "backends", "models"):
+        _logger.setLevel(logging.NOTSET)
 
 PROTOCOL_VERSION = "3.2.0"
 TASK_TYPES = ("blueprint", "characters", "story_arc", "chapters")

@@ -41,7 +41,7 @@ def test_every_config_key_is_in_the_example_file():
 
 
 @pytest.mark.parametrize("yaml_text,expected", [
-    ("backends:\n  - type: llama_cpp\n    n_ctx: 10\n", "backends.0.llama_cpp.n_ctx"),
+    ("backends:\n  - type: llama_cpp\n    n_ctx: 10\n", "backends.0.n_ctx: Value error, must be between 512 and 131072"),
     ("backends:\n  - type: llama_cpp\n    n_gpu_layer: 3\n", "n_gpu_layer: Extra inputs are not permitted"),
     ("backends:\n  - type: llama\n", "backends.0: Input tag 'llama' found using 'type' does not match"),
     ("axon:\n  port: 700000\n", "axon.port: Input should be less than or equal to 65535"),

@@ -5,6 +5,9 @@ import time
 import pytest
 
 from backends.base import BackendError, DeadlineExceeded, Request
+from backends.constrained import Sampler, decode
+from backends.grammar import schema_to_gbnf
+from backends.jsonwalk import JsonWalker
 from backends.llama_cpp import LlamaCppBackend
 from miner.config import LlamaCppSettings
 from miner.tasks import TASKS, Context
@@ -81,3 +84,18 @@ def test_a_blueprint_under_the_task_grammar_meets_the_contract(embedded_backend)
 def test_health_runs_a_tiny_real_generation(embedded_backend):
     health = embedded_backend.health()
     assert health.ok and "generated" in health.detail and "CPU only" in health.detail
+
+
+def test_text_the_schema_forces_is_batched_not_sampled(embedded_backend):
+    ctx = Context(user_input="A story about a lighthouse keeper")
+    schema = TASKS["characters"].schema(ctx)
+    llm = embedded_backend.llm
+    embedded_backend._prefill(embedded_backend.prompt_tokens(TASKS["characters"].messages(ctx)))
+    sampler = Sampler(llm, schema_to_gbnf(schema), temperature=0.8, top_p=0.95, seed=1)
+    try:
+        stats = decode(llm, sampler, 3000, time.monotonic() + 120, JsonWalker(schema))
+    finally:
+        sampler.close()
+    answer = json.loads(llm.detokenize(stats.tokens).decode())
+    assert TASKS["characters"].check(answer, ctx) and stats.finish_reason == "stop"
+    assert stats.forced >= 5 * 9  # at least every key of every character came as a batch

@@ -16,15 +16,15 @@ def instructions(ctx) -> str:
     return (
         "Create the story's five characters as JSON: {\"characters\": [...]} in the order protagonist, ally, "
         "rival, mentor, wildcard. Each has id, name, archetype, background (2 sentences), motivation, "
-        "skills (2-4), personality_traits (2-4) and relationships: how they relate to the named characters. "
+        "skills (2-3), personality_traits (2-3) and relationships: how they relate to the named characters. "
         "Fit them to the blueprint's world and conflict.")
 
 
 def _character(role: str) -> dict[str, Any]:
     return obj(
-        id=const(role), name=text(2, 40), archetype=text(3, 40), background=text(60, 240),
-        motivation=text(20, 150), skills=texts(2, 4, 2, 30), personality_traits=texts(2, 4, 2, 24),
-        relationships=obj(**{other: text(10, 100) for other in TIES[role]}))
+        id=const(role), name=text(2, 40), archetype=text(3, 40), background=text(60, 200),
+        motivation=text(20, 120), skills=texts(2, 3, 2, 24), personality_traits=texts(2, 3, 2, 20),
+        relationships=obj(**{other: text(10, 80) for other in TIES[role]}))
 
 
 def schema(ctx) -> dict[str, Any]:

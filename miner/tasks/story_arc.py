@@ -23,7 +23,7 @@ def instructions(ctx) -> str:
 
 
 def _chapter(chapter_id: int) -> dict[str, Any]:
-    return obj(id=const(chapter_id), title=text(2, 40), description=text(30, 160),
+    return obj(id=const(chapter_id), title=text(2, 40), description=text(30, 120),
                storyProgress=const(progress(chapter_id)))
 
 

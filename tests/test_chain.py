@@ -1,0 +1,258 @@
+"""The fallback chain. Order and cool-down use an in-memory backend with enqueue()/history; the ways a
+real API fails (stalls, HTTP 500, JSON that breaks the contract) use the real OpenAI backend against a
+loopback HTTP server that misbehaves, with a real custom command as the backend that then answers."""
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from backends.base import Backend, BackendError, Generation, Health, ModelInfo, Request
+from backends.chain import AllBackendsFailed, BackendState, Chain
+from backends.openai_api import OpenAIBackend
+from miner import examples
+from miner.config import ChainSettings, CustomSettings, GenerationSettings, OpenAISettings
+from miner.service import StoryService
+
+BLUEPRINT = {
+    "title": "The Tide Clock", "genre": "mystery",
+    "setting": "A harbour town where the tide clock in the square has stopped and the boats no longer return.",
+    "core_conflict": "A young clockmaker must restart the clock before the last fleet is lost at sea.",
+    "themes": ["time", "duty"], "tone": "brooding", "target_audience": "young adult readers"}
+
+
+class FakeBackend(Backend):
+    """Answers from a queue: a string is the text, an exception is raised. Records each request."""
+    type = "custom"
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.queue: deque = deque()
+        self.history: list[Request] = []
+        self.healthy = Health(True, "fake: fine")
+
+    @classmethod
+    def from_settings(cls, settings):
+        raise NotImplementedError("built directly in tests")
+
+    def enqueue(self, *outcomes) -> FakeBackend:
+        self.queue.extend(outcomes)
+        return self
+
+    def generate(self, request: Request) -> Generation:
+        self.history.append(request)
+        outcome = self.queue.popleft()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return Generation(text=outcome, prompt_tokens=1, completion_tokens=1, seconds=0.0, backend=self.name,
+                          model=self.info())
+
+    def health(self) -> Health:
+        return self.healthy
+
+    def info(self) -> ModelInfo:
+        return ModelInfo("custom", self.name, "fake")
+
+
+def chain_of(*backends: Backend, cooldown_s: float = 60.0) -> Chain:
+    return Chain([BackendState(b, b.name) for b in backends], failures_before_cooldown=2, cooldown_s=cooldown_s)
+
+
+def request(seconds: float = 20.0) -> Request:
+    return Request(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, deadline=time.monotonic() + seconds)
+
+
+def text(generation: Generation) -> str:
+    return generation.text
+
+
+def test_a_backend_that_keeps_failing_is_skipped_then_probed_again():
+    primary = FakeBackend("primary").enqueue(BackendError("out of VRAM"), BackendError("out of VRAM"))
+    fallback = FakeBackend("fallback").enqueue("b1", "b2", "b3")
+    chain = chain_of(primary, fallback, cooldown_s=0.3)
+    assert [chain.generate(request(), text)[0] for _ in range(3)] == ["b1", "b2", "b3"]
+    assert len(primary.history) == 2  # the third request went straight to the fallback
+    assert chain.states[0].last_error == "out of VRAM"
+    time.sleep(0.4)  # the cool-down ends
+    primary.enqueue("back")
+    result, generation = chain.generate(request(), text)
+    assert (result, generation.backend, chain.states[0].consecutive_failures) == ("back", "primary", 0)
+
+
+def test_a_backend_on_cool_down_still_answers_when_nothing_else_can():
+    primary = FakeBackend("primary").enqueue(BackendError("x"), BackendError("x"), "from the cooling one")
+    fallback = FakeBackend("fallback").enqueue("f1", "f2", BackendError("down too"))
+    chain = chain_of(primary, fallback)
+    chain.generate(request(), text)
+    chain.generate(request(), text)
+    assert chain.generate(request(), text)[0] == "from the cooling one"
+
+
+def test_an_answer_the_caller_rejects_moves_on_and_a_crash_does_not_stop_the_chain():
+    def accept(g: Generation) -> dict:
+        return json.loads(g.text)  # ValueError on non-JSON, like the task contract check
+    first = FakeBackend("first").enqueue("not json")
+    second = FakeBackend("second").enqueue(RuntimeError("bug in a backend"))
+    third = FakeBackend("third").enqueue('{"ok": true}')
+    result, generation = chain_of(first, second, third).generate(request(), accept)
+    assert result == {"ok": True} and generation.backend == "third"
+
+
+def test_when_every_backend_fails_the_error_says_why_for_each():
+    broken = BackendState(None, "local", build_error="model file /m.gguf does not exist")
+    api = FakeBackend("api").enqueue(BackendError("HTTP 500"))
+    chain = Chain([broken, BackendState(api, "api")])
+    with pytest.raises(AllBackendsFailed) as e:
+        chain.generate(request(), text)
+    assert e.value.reasons == [("local", "model file /m.gguf does not exist"), ("api", "HTTP 500")]
+
+
+def test_health_checks_steer_the_chain():
+    primary, fallback = FakeBackend("primary"), FakeBackend("fallback").enqueue("f")
+    chain = chain_of(primary, fallback)
+    primary.healthy = Health(False, "GPU lost")
+    assert [h.ok for h in chain.probe()] == [False, True]
+    assert chain.serving().label == "fallback"
+    assert chain.generate(request(), text)[0] == "f" and primary.history == []
+    primary.healthy = Health(True, "fine again")
+    chain.probe()
+    assert chain.serving().label == "primary"
+
+
+# --- real failures of a real API --------------------------------------------------------------------------
+class MisbehavingAPI:
+    """An OpenAI-compatible endpoint on loopback that answers from a queue: (status, body) or ("stall", s)."""
+
+    def __init__(self) -> None:
+        self.replies: deque = deque()
+        self.hits = 0
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                api.hits += 1
+                status, body = api.replies.popleft()
+                if status == "stall":
+                    time.sleep(body)
+                    return
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _reply
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def completion(content: str) -> dict:
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "gpt-test",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}}
+
+
+@pytest.fixture
+def api():
+    server = MisbehavingAPI()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+@pytest.fixture
+def writer(tmp_path) -> CustomSettings:
+    """A custom command that writes a blueprint meeting the contract."""
+    path = tmp_path / "writer.py"
+    path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(f"""
+        import json, sys
+        json.load(sys.stdin)
+        print(json.dumps({{"text": json.dumps({BLUEPRINT!r}), "model": "fixture-writer"}}))
+    """))
+    path.chmod(0o755)
+    return CustomSettings(type="custom", name="writer", command=[str(path)])
+
+
+def service(*backends, deadline_s: float = 25.0) -> StoryService:
+    return StoryService(Chain.from_config(backends, ChainSettings()), GenerationSettings(deadline_s=deadline_s))
+
+
+def cloud(api: MisbehavingAPI, **kw) -> OpenAISettings:
+    return OpenAISettings(**{"type": "openai", "name": "cloud", "model": "gpt-test", "base_url": api.url,
+                             "api_key_env": None, **kw})
+
+
+def test_a_stalled_api_gives_way_to_the_next_backend(api, writer):
+    api.replies.append(("stall", 8))
+    svc = service(cloud(api, timeout_s=2, max_retries=0), writer)
+    answer = svc.answer(examples.example_fields("blueprint"))
+    assert answer.ok and answer.output["model_info"]["mode"] == "custom"
+    assert answer.output["title"] == BLUEPRINT["title"]
+    assert "did not answer" in svc.chain.states[0].last_error and "Timeout" in svc.chain.states[0].last_error
+
+
+def test_an_api_stalled_past_the_deadline_leaves_a_clear_error_not_a_placeholder(api, writer):
+    api.replies.append(("stall", 8))
+    svc = service(cloud(api, timeout_s=20, max_retries=0), writer)
+    answer = svc.answer(examples.example_fields("blueprint"), timeout_s=3)
+    assert list(answer.output) == ["error"] and answer.model_info is None
+    assert "cloud:" in answer.output["error"] and "writer: skipped: the deadline had passed" in answer.output["error"]
+
+
+def test_an_api_answering_500_is_retried_within_bounds_then_passed_over(api, writer):
+    api.replies.extend([(500, {"error": {"message": "upstream exploded"}})] * 3)
+    svc = service(cloud(api, max_retries=1), writer)
+    answer = svc.answer(examples.example_fields("blueprint"))
+    assert answer.ok and answer.output["model_info"]["name"] == "fixture-writer"
+    assert api.hits == 2  # one try and one retry, no more
+    assert "upstream exploded" in svc.chain.states[0].last_error
+
+
+def test_json_that_breaks_the_contract_moves_on(api, writer):
+    api.replies.append((200, completion(json.dumps({"title": "Too thin", "genre": "x"}))))
+    svc = service(cloud(api), writer)
+    answer = svc.answer(examples.example_fields("blueprint"))
+    assert answer.ok and answer.output["model_info"]["mode"] == "custom"
+    assert "setting" in svc.chain.states[0].last_error  # the contract check named what was missing
+
+
+def test_a_good_api_answer_is_reported_as_api(api, writer):
+    api.replies.append((200, completion(json.dumps(BLUEPRINT))))
+    answer = service(cloud(api), writer).answer(examples.example_fields("blueprint"))
+    info = answer.output["model_info"]
+    assert (info["mode"], info["name"], info["version"]) == ("api", "gpt-test", None)
+
+
+def test_health_names_the_variable_whose_key_was_refused(api, monkeypatch):
+    monkeypatch.setenv("STORYFI_TEST_OPENAI_KEY", "sk-wrong")
+    api.replies.append((401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}))
+    backend = OpenAIBackend.from_settings(cloud(api, api_key_env="STORYFI_TEST_OPENAI_KEY"))
+    health = backend.health()
+    assert not health.ok and "refused the API key in STORYFI_TEST_OPENAI_KEY" in health.detail
+    assert "sk-wrong" not in health.detail
+
+
+def test_a_backend_that_could_not_be_built_heals_on_the_next_health_check(tmp_path, writer):
+    late = tmp_path / "late.py"
+    settings = CustomSettings(type="custom", name="late", command=[str(late)])
+    chain = Chain.from_config([settings, writer], ChainSettings())
+    assert chain.states[0].backend is None and "late.py" in chain.states[0].build_error
+    late.write_text(Path(writer.command[0]).read_text())
+    late.chmod(0o755)
+    assert [h.ok for h in chain.probe(rebuild=True)] == [True, True]
+    assert chain.serving().label == "late"

@@ -1,0 +1,114 @@
+"""The custom command backend with real programs: request JSON on stdin, answer JSON on stdout."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from backends.base import BackendError, DeadlineExceeded, Request
+from backends.custom_command import CustomCommandBackend
+from miner.config import CustomSettings
+
+
+def script(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / name
+    path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
+    path.chmod(0o755)
+    return path
+
+
+def backend(command: list[str], **kw) -> CustomCommandBackend:
+    return CustomCommandBackend.from_settings(CustomSettings(type="custom", command=command, name="mine", **kw))
+
+
+def request(seconds: float = 20.0, schema=None) -> Request:
+    return Request(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                   max_tokens=42, deadline=time.monotonic() + seconds, schema=schema, temperature=0.3)
+
+
+ECHO = """
+import json, sys
+got = json.load(sys.stdin)
+print(json.dumps({"text": json.dumps(got), "model": "echo-1", "prompt_tokens": 3, "completion_tokens": 5}))
+"""
+
+
+def test_the_request_goes_in_on_stdin_and_the_answer_comes_back(tmp_path):
+    b = backend([str(script(tmp_path, "echo.py", ECHO))])
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    generation = b.generate(request(schema=schema))
+    got = json.loads(generation.text)
+    assert got["messages"][1] == {"role": "user", "content": "Hi"}
+    assert got["schema"] == schema and got["max_tokens"] == 42 and got["temperature"] == 0.3
+    assert 0 < got["seconds_left"] <= 25.0  # bounded by timeout_s (default 25) and the deadline
+    assert (generation.model.mode, generation.model.name, generation.backend) == ("custom", "echo-1", "mine")
+    assert (generation.prompt_tokens, generation.completion_tokens) == (3, 5)
+
+
+def test_a_relative_command_is_found_from_cwd(tmp_path):
+    script(tmp_path, "echo.py", ECHO)
+    assert json.loads(backend(["./echo.py"], cwd=str(tmp_path)).generate(request()).text)["max_tokens"] == 42
+
+
+@pytest.mark.parametrize("command, words", [
+    (["no-such-program-storyfi"], "not on PATH"),
+    (["./missing.py"], "not an executable file"),
+])
+def test_a_missing_program_fails_at_start_naming_the_setting(tmp_path, command, words):
+    with pytest.raises(BackendError, match=words) as e:
+        backend(command, cwd=str(tmp_path))
+    assert "backends command" in str(e.value)
+
+
+@pytest.mark.parametrize("body, words", [
+    ("import sys; sys.stderr.write('model exploded'); sys.exit(3)", "status 3: model exploded"),
+    ("print('hello there')", "stdout is not JSON"),
+    ("print('{\"content\": \"old protocol\"}')", 'a "text" string'),
+    ("print('{\"text\": \"  \"}')", "empty text"),
+])
+def test_a_failing_command_is_a_backend_error_that_says_why(tmp_path, body, words):
+    b = backend([str(script(tmp_path, "bad.py", body))])
+    with pytest.raises(BackendError, match=words):
+        b.generate(request())
+    assert not b.health().ok
+
+
+def test_a_command_past_its_time_is_killed_with_what_it_started(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    slow = script(tmp_path, "slow.py", f"""
+        import subprocess, time
+        child = subprocess.Popen(["sleep", "60"])
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        time.sleep(60)
+    """)
+    b = backend([str(slow)], timeout_s=2.0)
+    with pytest.raises(DeadlineExceeded, match="did not answer within"):
+        b.generate(request(seconds=20.0))
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the kill is sent; give the kernel a moment to reap
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the command's child {child} outlived the timeout")
+
+
+def test_the_request_deadline_caps_the_command_timeout(tmp_path):
+    b = backend([str(script(tmp_path, "slow.py", "import time; time.sleep(30)"))], timeout_s=60.0)
+    with pytest.raises(DeadlineExceeded):
+        b.generate(request(seconds=2.0))
+    with pytest.raises(DeadlineExceeded, match="before the command could start"):
+        b.generate(request(seconds=0.5))
+
+
+def test_health_runs_a_tiny_real_request(tmp_path):
+    b = backend([str(script(tmp_path, "echo.py", ECHO))])
+    health = b.health()
+    assert health.ok and "answered" in health.detail
