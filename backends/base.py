@@ -27,6 +27,7 @@ class Request:
     schema: dict[str, Any] | None = None
     temperature: float = 0.8
     top_p: float = 0.95
+    repeat_penalty: float = 1.1  # local sampling only; 1.0 is off
 
     def seconds_left(self) -> float:
         return self.deadline - time.monotonic()

@@ -20,6 +20,8 @@ import numpy as np
 from backends.base import BackendError, DeadlineExceeded
 from backends.jsonwalk import JsonWalker, WalkError
 
+PENALTY_LAST_N = 64  # sampled tokens the repeat penalty looks back over
+
 
 @dataclass
 class DecodeStats:
@@ -33,13 +35,16 @@ class DecodeStats:
 class Sampler:
     """A C sampler chain plus an optional grammar, for one generation."""
 
-    def __init__(self, llm: llama_cpp.Llama, grammar: str | None, *, temperature: float, top_p: float, seed: int):
+    def __init__(self, llm: llama_cpp.Llama, grammar: str | None, *, temperature: float, top_p: float, seed: int,
+                 repeat_penalty: float = 1.0):
         self._llm = llm
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._n_vocab = llm.n_vocab()
         params = llama_cpp.llama_sampler_chain_default_params()
         self.chain = llama_cpp.llama_sampler_chain_init(params)
-        steps = [llama_cpp.llama_sampler_init_top_k(40), llama_cpp.llama_sampler_init_top_p(top_p, 1)]
+        # Only sampled tokens reach the penalty's history: forced JSON structure is never penalized.
+        steps = [llama_cpp.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N, repeat_penalty, 0.0, 0.0),
+                 llama_cpp.llama_sampler_init_top_k(40), llama_cpp.llama_sampler_init_top_p(top_p, 1)]
         if temperature > 0:
             steps += [llama_cpp.llama_sampler_init_temp(temperature), llama_cpp.llama_sampler_init_dist(seed)]
         else:

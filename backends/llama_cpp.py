@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import threading
 import time
@@ -42,6 +43,12 @@ def check_gguf(path: Path) -> None:
                            f"corrupt or half-downloaded: delete it and {GET_A_MODEL}")
 
 
+def default_threads() -> int:
+    """llama-cpp-python's default (half the CPUs) leaves one of a small machine's two cores idle."""
+    cpus = os.cpu_count() or 1
+    return cpus if cpus <= 4 else cpus // 2
+
+
 def load_planned(path: Path, plan: fit.Plan, settings: Any) -> tuple[llama_cpp.Llama, fit.Plan]:
     """Load with the plan; on a GPU out-of-memory, retry with fewer layers instead of crashing."""
     while True:
@@ -49,7 +56,7 @@ def load_planned(path: Path, plan: fit.Plan, settings: Any) -> tuple[llama_cpp.L
             llm = llama_cpp.Llama(
                 model_path=str(path), n_gpu_layers=plan.n_gpu_layers, n_ctx=plan.n_ctx,
                 flash_attn=plan.flash_attn, type_k=KV_TYPES[plan.kv_cache_type],
-                type_v=KV_TYPES[plan.kv_cache_type], n_threads=settings.n_threads,
+                type_v=KV_TYPES[plan.kv_cache_type], n_threads=settings.n_threads or default_threads(),
                 n_batch=min(settings.n_batch, plan.n_ctx), verbose=False)
             return llm, plan
         except ValueError as e:
@@ -150,7 +157,8 @@ class LlamaCppBackend(Backend):
             with contextlib.suppress(WalkError):  # no walker: every token is sampled, still correct
                 walker = JsonWalker(request.schema)
         seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**31)
-        sampler = Sampler(self.llm, grammar, temperature=request.temperature, top_p=request.top_p, seed=seed)
+        sampler = Sampler(self.llm, grammar, temperature=request.temperature, top_p=request.top_p, seed=seed,
+                          repeat_penalty=request.repeat_penalty)
         try:
             self._prefill(tokens)
             stats = decode(self.llm, sampler, request.max_tokens, request.deadline, walker)

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(run, chain=True)
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="answer all four tasks through a real Axon and Dendrite on 127.0.0.1")
-    demo.add_argument("--input", default=None, help="story request (default: one validators send)")
+    demo.add_argument("--input", default=None, help="story request (default: an English one, for the demo model)")
     _add_config_flags(demo)
     demo.set_defaults(func=cmd_demo)
     gen = sub.add_parser("generate", help="print one task's output_data JSON")

@@ -38,7 +38,8 @@ class LlamaCppSettings(_BackendBase):
     flash_attn: bool | Literal["auto"] = Field("auto", description="Flash attention (needed for a quantized V cache).")
     kv_cache_type: Literal["auto", "f16", "q8_0"] = Field("auto", description="KV cache precision; q8_0 halves it.")
     vram_gb: float | None = Field(None, gt=0, description="VRAM budget for planning; default: what the GPU reports free.")
-    n_threads: int | None = Field(None, ge=1, le=512, description="CPU threads; default: physical cores.")
+    n_threads: int | None = Field(
+        None, ge=1, le=512, description="CPU threads; default: every core up to 4, half of them beyond (hyperthreads).")
     n_batch: int = Field(512, ge=32, le=8192, description="Prompt tokens evaluated per batch.")
     seed: int | None = Field(None, ge=0, description="Sampling seed; default: fresh for every request.")
 
@@ -124,6 +125,7 @@ class GenerationSettings(_Strict):
     language: str = Field("auto", description="auto answers in the request's language; or a language name, e.g. English.")
     temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
+    repeat_penalty: float = Field(1.1, ge=1, le=2, description="Local models: discourages loops; 1.0 is off.")
     max_input_chars: int = Field(2000, ge=10, le=100_000, description="Longest user_input accepted.")
     max_context_chars: int = Field(30_000, ge=1000, le=1_000_000, description="Largest blueprint/characters/story_arc JSON accepted.")
     max_chapters: int = Field(3, ge=1, le=12, description="Most chapter ids answered in one request.")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-USER_INPUT = "一个关于太空探险的故事"
+# Validators send short Chinese prompts like "一个关于太空探险的故事"; the example asks the same in English,
+# the language the embedded demo model (SmolLM2-135M) writes well and in the fewest tokens.
+USER_INPUT = "A story about a space expedition"
 
 BLUEPRINT: dict[str, Any] = {
     "title": "The Silent Relay",

@@ -96,7 +96,8 @@ class StoryService:
         return Request(
             messages=spec.messages(ctx, self.settings.language), schema=spec.schema(ctx),
             max_tokens=spec.max_tokens(ctx), deadline=deadline,
-            temperature=self.settings.temperature, top_p=self.settings.top_p)
+            temperature=self.settings.temperature, top_p=self.settings.top_p,
+            repeat_penalty=self.settings.repeat_penalty)
 
     def answer(self, fields: dict[str, Any], timeout_s: float | None = None) -> Answer:
         """Blocking. Never raises for bad input or failed backends: the output then carries `error`."""

@@ -62,6 +62,13 @@ def test_each_task_answers_within_the_contract(served, task):
     assert response.generation_time > 0 and response.miner_version
 
 
+def test_a_chinese_request_as_validators_send_it(served):
+    miner, validator, _ = served
+    output = ask(validator, miner, StoryGenerationSynapse(task_type="blueprint", user_input="一个末日生存的故事"),
+                 deserialize=True)
+    TASKS["blueprint"].check({k: v for k, v in output.items() if k not in META}, Context(user_input="x"))
+
+
 def test_deserialize_returns_output_data(served):
     miner, validator, _ = served
     synapse = StoryGenerationSynapse(task_type="characters", user_input="x")  # no blueprint: a quick error
@@ -116,7 +123,7 @@ def test_a_malformed_synapse_is_refused_and_serving_goes_on(served):
 
 def test_concurrent_requests_queue_and_all_answer(served):
     miner, validator, _ = served
-    synapse = StoryGenerationSynapse(task_type="blueprint", user_input="一个时间旅行的故事")
+    synapse = StoryGenerationSynapse(task_type="blueprint", user_input="A story about time travel")
 
     async def both():
         return await validator.forward(axons=[miner.axon.info()] * 2, synapse=synapse, timeout=60, deserialize=False)

@@ -11,6 +11,7 @@ from typing import Any
 
 from miner.tasks import blueprint, chapters, characters, story_arc
 from miner.tasks.common import ContractError, TaskInputError, language_instruction
+from miner.tasks.context import digest
 
 __all__ = ["TASKS", "TaskSpec", "Context", "ContractError", "TaskInputError", "parse_json_object"]
 
@@ -39,7 +40,8 @@ class TaskSpec:
         parts = [f"Story request: {ctx.user_input}"]
         for field in self.needs:
             if field != "chapter_ids":
-                parts.append(f"{field} so far:\n{json.dumps(getattr(ctx, field), ensure_ascii=False)}")
+                so_far = json.dumps(digest(field, getattr(ctx, field)), ensure_ascii=False)
+                parts.append(f"{field} so far:\n{so_far}")
         parts.append(self.module.instructions(ctx))
         return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
 

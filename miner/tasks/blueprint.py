@@ -13,8 +13,8 @@ BOUNDS = {"title": (2, 60), "genre": (2, 40), "setting": (50, 300), "core_confli
 def instructions(ctx) -> str:
     return (
         "Design the blueprint of this story as JSON with: title; genre; setting (the world, place and era "
-        "in 2-3 sentences, 80-250 characters); core_conflict (the central struggle in one or two sentences, "
-        "40-180 characters); themes (3 or 4 short themes); tone; target_audience.")
+        "in 2-3 sentences); core_conflict (the central struggle in one or two sentences); themes (3 or 4 "
+        "short themes); tone; target_audience.")
 
 
 def schema(ctx) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def instructions(ctx) -> str:
     return (
         "Write these chapters of the story as JSON {\"chapters\": [...]}:\n" + plans + "\n"
         "Each chapter has id, title, content (the chapter itself as flowing prose with scenes, dialogue and "
-        "the characters by name, 1100-2200 characters) and choices: 2 or 3 decisions the reader can take "
+        "the characters by name, several paragraphs long) and choices: 2 or 3 decisions the reader can take "
         "at the end, each with id, text, and consequences (an object whose outcome says what that choice "
         "leads to; every choice leads somewhere different).")
 

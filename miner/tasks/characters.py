@@ -22,9 +22,9 @@ def instructions(ctx) -> str:
 
 def _character(role: str) -> dict[str, Any]:
     return obj(
-        id=const(role), name=text(2, 40), archetype=text(3, 40), background=text(60, 200),
-        motivation=text(20, 120), skills=texts(2, 3, 2, 24), personality_traits=texts(2, 3, 2, 20),
-        relationships=obj(**{other: text(10, 80) for other in TIES[role]}))
+        id=const(role), name=text(2, 30), archetype=text(3, 30), background=text(60, 180),
+        motivation=text(20, 100), skills=texts(2, 3, 2, 20), personality_traits=texts(2, 3, 2, 16),
+        relationships=obj(**{other: text(10, 64) for other in TIES[role]}))
 
 
 def schema(ctx) -> dict[str, Any]:
