@@ -19,6 +19,10 @@ class DeadlineExceeded(BackendError):
     """The request's deadline passed before the backend finished."""
 
 
+class BackendBusy(BackendError):
+    """The backend was busy with earlier requests for as long as this one could wait: not a failure."""
+
+
 @dataclass(frozen=True)
 class Request:
     messages: list[dict[str, str]]
@@ -61,23 +65,17 @@ class Generation:
     model: ModelInfo
     finish_reason: str = "stop"  # "stop", "length" or "deadline"
 
-    @property
-    def tokens_per_second(self) -> float:
-        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
-
 
 @dataclass(frozen=True)
 class Health:
     ok: bool
     detail: str
-    checked_at: float = field(default_factory=time.time)
 
 
 class Backend(ABC):
     """One way to generate text. Subclasses set `type` (the YAML `type:` value)."""
 
     type: ClassVar[str]
-    supports_schema: ClassVar[bool] = False
 
     def __init__(self, name: str):
         self.name = name

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from backends import build_backend
-from backends.base import Backend, BackendError, Generation, Health, Request
+from backends.base import Backend, BackendBusy, BackendError, Generation, Health, Request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,6 +101,9 @@ class Chain:
             try:
                 generation = state.backend.generate(request)
                 result = accept(generation)
+            except BackendBusy as e:  # queued too long behind other requests: no reason to cool it down
+                reasons[i] = str(e)
+                continue
             except (BackendError, ValueError) as e:
                 reasons[i] = str(e)
             except Exception as e:  # a bug in one backend must not keep the next from answering

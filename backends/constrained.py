@@ -1,7 +1,7 @@
 """Grammar-constrained decoding with a lazy check: the fast path for JSON on llama.cpp.
 
 llama-cpp-python's `response_format`/`grammar` filters the whole vocabulary through the grammar at every
-step (about 8x slower than free text on an H100, 2x on a CPU: facts.md). Here the token is sampled
+step (about 8x slower than free text on an H100, 2x on a CPU: docs/measurements.md). Here the token is sampled
 freely by llama.cpp's own C sampler chain first, then only that token is checked against the grammar;
 the full-vocabulary filter runs only when it is rejected, as llama.cpp's common sampler does. The
 result obeys the grammar exactly like the slow path, and only the loop itself is Python.
@@ -42,7 +42,7 @@ class Sampler:
         self._n_vocab = llm.n_vocab()
         params = llama_cpp.llama_sampler_chain_default_params()
         self.chain = llama_cpp.llama_sampler_chain_init(params)
-        # Only sampled tokens reach the penalty's history: forced JSON structure is never penalized.
+        # Only sampled tokens reach the penalty's history (a rejected one too): forced JSON structure never does.
         steps = [llama_cpp.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N, repeat_penalty, 0.0, 0.0),
                  llama_cpp.llama_sampler_init_top_k(40), llama_cpp.llama_sampler_init_top_p(top_p, 1)]
         if temperature > 0:
@@ -98,6 +98,7 @@ class Sampler:
         rejected = not self._allowed(token)
         if rejected:
             token = self._sample_filtered()
+            llama_cpp.llama_sampler_accept(self.chain, token)  # the penalty's history holds what was written
         llama_cpp.llama_sampler_accept(self.grammar, token)
         return token, rejected
 
@@ -127,7 +128,10 @@ def decode(llm: llama_cpp.Llama, sampler: Sampler, max_tokens: int, deadline: fl
 
     while True:
         if walker is not None and walker.forced:
-            offered = llm.tokenize(walker.take_forced().encode(), add_bos=False, special=False)
+            try:
+                offered = llm.tokenize(walker.take_forced().encode(), add_bos=False, special=False)
+            except WalkError:
+                walker, offered = None, []
             accepted = sampler.accept_forced(offered)
             if len(accepted) < len(offered):  # the grammar disagreed: sample from here on
                 walker = None

@@ -11,6 +11,7 @@ anything it started) at its timeout or at the request's deadline, whichever come
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -45,7 +46,6 @@ def _resolve(command: list[str], cwd: str | None, label: str) -> list[str]:
 
 class CustomCommandBackend(Backend):
     type = "custom"
-    supports_schema = True  # passed on; the command decides what to do with it
 
     def __init__(self, name: str, command: list[str], cwd: str | None, timeout_s: float):
         super().__init__(name)
@@ -71,7 +71,8 @@ class CustomCommandBackend(Backend):
         try:
             out, err = proc.communicate(json.dumps(payload, ensure_ascii=False).encode("utf-8"), timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it may have exited just now
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             raise DeadlineExceeded(f"{self.name}: the command did not answer within {timeout:.1f} s "
                                    f"(backends timeout_s or the request deadline)") from None

@@ -72,7 +72,6 @@ def _contents(messages: list[dict[str, str]]) -> tuple[str | None, list[types.Co
 
 class GeminiBackend(Backend):
     type = "gemini"
-    supports_schema = True
 
     def __init__(self, name: str, client: genai.Client, settings: Any):
         super().__init__(name)

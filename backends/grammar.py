@@ -1,7 +1,7 @@
 """JSON schema -> GBNF for llama.cpp, for the subset of JSON schema the task specs use.
 
 Why not llama-cpp-python's converter: it spells a string's maxLength as nested optional rules, so a
-1000-3000 character string overflows llama.cpp's grammar parser (facts.md). Here long strings are
+1000-3000 character string overflows llama.cpp's grammar parser (docs/measurements.md). Here long strings are
 chunks of fixed length repeated, and objects are compact JSON with properties in schema order, which
 also spends no tokens on whitespace.
 """

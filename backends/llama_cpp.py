@@ -1,7 +1,7 @@
 """A local Q4 GGUF model in llama.cpp (llama-cpp-python), the miner's first choice.
 
 The model loads once. Offload (layers, context, KV cache type, flash attention) is planned by
-models.fit unless the YAML pins it. Generations run one at a time, in arrival order, each bounded by
+models.fit unless the YAML pins it. Generations run one at a time (a lock queues the rest), each bounded by
 max_tokens and by the request's deadline; output is grammar-constrained to the task's JSON schema.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from backends.base import Backend, BackendError, DeadlineExceeded, Generation, Health, ModelInfo, Request
+from backends.base import Backend, BackendBusy, BackendError, Generation, Health, ModelInfo, Request
 from backends.constrained import Sampler, decode
 from backends.grammar import SchemaNotSupported, schema_to_gbnf
 from backends.jsonwalk import JsonWalker, WalkError
@@ -27,6 +27,7 @@ from models.embedded import DISPLAY_NAME, EmbeddedModelMissing, embedded_model_p
 
 log = logging.getLogger(__name__)
 
+QUEUE_RESERVE_S = 8.0  # a queued request gives up waiting this long before its deadline
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 GET_A_MODEL = ("get one with `python scripts/download_model.py llama-3.1-8b` (or convert your own with "
                "scripts/convert_model.py), or leave model_path empty to use the embedded demo model")
@@ -71,7 +72,6 @@ def load_planned(path: Path, plan: fit.Plan, settings: Any) -> tuple[llama_cpp.L
 
 class LlamaCppBackend(Backend):
     type = "llama_cpp"
-    supports_schema = True
 
     def __init__(self, name: str, path: Path, settings: Any, display_name: str | None = None):
         super().__init__(name)
@@ -135,8 +135,9 @@ class LlamaCppBackend(Backend):
         self.llm.eval(tokens[shared:])
 
     def generate(self, request: Request) -> Generation:
-        if not self._lock.acquire(timeout=max(request.seconds_left(), 0)):
-            raise DeadlineExceeded("the deadline passed while waiting for the model (busy with earlier requests)")
+        # Wait our turn, but leave time to generate, or for a fallback backend to.
+        if not self._lock.acquire(timeout=max(request.seconds_left() - QUEUE_RESERVE_S, 0)):
+            raise BackendBusy(f"busy with earlier requests until {QUEUE_RESERVE_S:.0f} s before the deadline")
         try:
             return self._generate_locked(request)
         finally:
@@ -165,7 +166,8 @@ class LlamaCppBackend(Backend):
         finally:
             sampler.close()
         if grammar and stats.finish_reason == "length":
-            raise BackendError(f"max_tokens ({request.max_tokens}) ran out before the JSON was complete")
+            raise BackendError(f"the answer reached {len(stats.tokens)} tokens (max_tokens {request.max_tokens}, "
+                               f"n_ctx {self.plan.n_ctx}) before its JSON was complete")
         text = self.llm.detokenize(stats.tokens).decode("utf-8", errors="replace")
         seconds = time.perf_counter() - start
         log.debug("%s: %d prompt + %d tokens (%d forced) in %.2f s, %d grammar rejections",
@@ -188,4 +190,5 @@ class LlamaCppBackend(Backend):
         return Health(True, f"{self.model_name}: generated {generation.completion_tokens} tokens ({where})")
 
     def close(self) -> None:
-        self.llm.close()
+        with self._lock:  # never free the model under a running generation
+            self.llm.close()

@@ -66,7 +66,6 @@ def _with_schema_in_prompt(messages: list[dict[str, str]], schema: dict[str, Any
 
 class OpenAIBackend(Backend):
     type = "openai"
-    supports_schema = True
 
     def __init__(self, name: str, client: openai.OpenAI, settings: Any):
         super().__init__(name)

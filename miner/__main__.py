@@ -1,6 +1,6 @@
 import contextlib
 
-# llama_cpp must load before numpy: the other order made CUDA model loading segfault (facts.md).
+# llama_cpp must load before numpy: the other order made CUDA model loading segfault (docs/measurements.md).
 with contextlib.suppress(ImportError):
     import llama_cpp  # noqa: F401
 

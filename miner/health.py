@@ -257,6 +257,8 @@ class HealthMonitor:
         self._stop.set()
         if self.server is not None:
             self.server.stop()
+        if self._thread.is_alive():
+            self._thread.join()  # it may be mid-check: the backends must not be closed under it
 
 
 def render(report: Report) -> str:

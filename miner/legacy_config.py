@@ -8,7 +8,6 @@ equivalent new YAML is logged once, with a note for every old key that has no di
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Callable
 
 import yaml
@@ -27,12 +26,6 @@ DROPPED = {
 _shown: set[str] = set()
 
 
-def _gigabytes(value: Any) -> float | None:
-    """'16GB' (the old max_memory) -> 16.0."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:GB|GiB|G)?\s*", str(value or ""), re.IGNORECASE)
-    return float(match.group(1)) if match else None
-
-
 def _local(old: dict[str, Any], notes: list[str], section: str) -> dict[str, Any]:
     entry: dict[str, Any] = {"type": "llama_cpp"}
     repo = old.get("model_name")
@@ -47,8 +40,9 @@ def _local(old: dict[str, Any], notes: list[str], section: str) -> dict[str, Any
                      f"scripts/convert_model.py {repo} --out {entry['model_path']}`")
     if old.get("device") == "cpu":
         entry["n_gpu_layers"] = 0
-    if _gigabytes(old.get("max_memory")):
-        entry["vram_gb"] = _gigabytes(old.get("max_memory"))
+    if old.get("max_memory"):
+        notes.append(f"{section}.max_memory: dropped; n_gpu_layers: auto plans from the GPU's free memory "
+                     f"(set vram_gb to cap it)")
     return entry
 
 

@@ -91,7 +91,7 @@ class Miner:
     async def forward(self, synapse: StoryGenerationSynapse) -> StoryGenerationSynapse:
         fields = {name: getattr(synapse, name) for name in
                   ("task_type", "user_input", "blueprint", "characters", "story_arc", "chapter_ids")}
-        timeout = float(synapse.timeout or 60.0) - RESPONSE_MARGIN_S
+        timeout = max(float(synapse.timeout or 60.0) - RESPONSE_MARGIN_S, 1.0)
         loop = asyncio.get_running_loop()
         answer = await loop.run_in_executor(self._executor, self.service.answer, fields, timeout)
         synapse.output_data = answer.output
@@ -192,4 +192,4 @@ class Miner:
             self.health.stop()
         if self.axon is not None:
             self.axon.stop()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -111,6 +111,10 @@ class StoryService:
         except (TaskInputError, BackendError) as e:
             log.warning("request failed: %s", e)
             return Answer({"error": str(e)}, time.monotonic() - start)
+        except Exception as e:  # a bug must cost one answer, never the miner: say so, log the trace
+            log.exception("request failed unexpectedly")
+            return Answer({"error": f"internal error ({type(e).__name__}); the miner's log has the details"},
+                          time.monotonic() - start)
         seconds = time.monotonic() - start
         info = generation.model.to_wire()
         output = {**output, "model_info": info, "generation_time": round(seconds, 3)}

@@ -239,7 +239,7 @@ def _gguf_parts(path: Path) -> list[Path]:
 
 
 def _profile_from_gguf(path: Path) -> Profile:
-    # llama_cpp before numpy (which gguf imports): the other order made CUDA loads segfault (facts.md)
+    # llama_cpp before numpy (which gguf imports): the other order made CUDA loads segfault (docs/measurements.md)
     with contextlib.suppress(ImportError):
         import llama_cpp  # noqa: F401
     from gguf import GGUFReader

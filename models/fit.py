@@ -1,7 +1,7 @@
 """VRAM planning for llama.cpp: GPU layers, context length, KV cache type and flash attention.
 
 VRAM needed = weights of the GPU layers + KV cache of those layers + compute buffer + CUDA context.
-The constants are calibrated on facts.md's table (Llama-3.1-8B Q4_K_M, H100, VRAM added by loading);
+The constants are calibrated on docs/measurements.md's table (Llama-3.1-8B Q4_K_M, H100, VRAM added by loading);
 every row of that table is predicted within 1% (tests/test_fit.py). Layers left on the CPU cost ~5x
 decode speed, so the planner fills the GPU first and only then grows the context.
 """
@@ -21,15 +21,15 @@ from models import catalog
 from models.catalog import Profile, load_profile
 
 MiB, GiB = 1 << 20, 1 << 30
-# CUDA context, cuBLAS workspace and small activations: what every facts.md row leaves once the terms
+# CUDA context, cuBLAS workspace and small activations: what every docs/measurements.md row leaves once the terms
 # below are taken out (575-585 MiB on the H100; smaller on consumer cards, so this errs safe there).
 CUDA_OVERHEAD = 580 * MiB
 N_UBATCH = 512               # llama-cpp-python's micro-batch: compute buffers scale with it
-MARGIN_SHARE, MARGIN_MIN = 0.05, 256 * MiB  # repeated loads in facts.md differ by up to 78 MiB
+MARGIN_SHARE, MARGIN_MIN = 0.05, 256 * MiB  # repeated loads in docs/measurements.md differ by up to 78 MiB
 CTX_CAP_GPU = 16384          # beyond this a story miner's KV cache only costs memory
 CTX_CPU = 8192               # CPU-only default context
 CTX_STEP = 1024
-# system-RAM read rate seen in facts.md's partial-offload rows (28/33: 45 tok/s, 20/33: 20.5 tok/s,
+# system-RAM read rate seen in docs/measurements.md's partial-offload rows (28/33: 45 tok/s, 20/33: 20.5 tok/s,
 # 16-core server); decode with CPU layers is bound by reading their weights once per token.
 CPU_READ_BYTES_PER_S = 45e9
 KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
@@ -86,7 +86,7 @@ def _layers_text(p: Plan) -> str:
 
 
 def _llama_cpp():
-    """Import llama_cpp before anything imports numpy: the other order made CUDA loads segfault (facts.md)."""
+    """Import llama_cpp before anything imports numpy: the other order made CUDA loads segfault (docs/measurements.md)."""
     try:
         import llama_cpp
     except ImportError:
@@ -104,7 +104,7 @@ def estimate(p: Profile, n_gpu_layers: int, n_ctx: int, kv_cache_type: str,
     weights = sum(p.layout.block_bytes[p.n_layer - blocks:]) + (p.layout.output_bytes if output_on_gpu else 0)
     kv = blocks * n_ctx * p.n_head_kv * (p.head_dim_k + p.head_dim_v) * KV_ELEMENT_BYTES[kv_cache_type]
     logits = N_UBATCH * p.n_vocab * 4
-    # with the output layer on the CPU, facts.md shows one more logits-sized buffer (+240 MiB for 8B):
+    # with the output layer on the CPU, docs/measurements.md shows one more logits-sized buffer (+240 MiB for 8B):
     # llama.cpp still runs the prompt's large matmuls on the GPU
     staging = logits if output_on_gpu else 2 * logits
     scores = 0 if flash_attn else N_UBATCH * n_ctx * p.n_head * 4  # f32 attention scores without FA
@@ -119,7 +119,7 @@ def _usable(budget: int) -> int:
 
 def _speed_note(p: Profile, n: int) -> str:
     if n > p.n_layer:
-        return "every layer on the GPU: full decode speed (facts.md: 8B Q4_K_M 229 tok/s on an H100)"
+        return "every layer on the GPU: full decode speed (docs/measurements.md: 8B Q4_K_M 229 tok/s on an H100)"
     cpu_blocks = range(p.n_layer - min(n, p.n_layer))
     share = p.n_expert_used / p.n_expert if p.n_expert else 1.0  # MoE: only the chosen experts are read
     per_token = p.layout.output_bytes + sum(
@@ -127,7 +127,7 @@ def _speed_note(p: Profile, n: int) -> str:
     return (f"{p.n_layer + 1 - n} of {p.n_layer + 1} layers stay on the CPU: {per_token / GiB:.1f} GiB of "
             f"weights are read from system RAM for every token, so decode tops out near "
             f"{CPU_READ_BYTES_PER_S / per_token:.2g} tok/s on a fast 16-core host and about half that on a "
-            "dual-channel desktop (facts.md: 8B with 28 of 33 layers 45 tok/s, all 33 229 tok/s)")
+            "dual-channel desktop (docs/measurements.md: 8B with 28 of 33 layers 45 tok/s, all 33 229 tok/s)")
 
 
 def _make_plan(p: Profile, n: int, n_ctx: int, kv: str, fa: bool, budget: int | None, source: str,
@@ -164,7 +164,8 @@ def _candidates(p: Profile, layers: list[int], n_ctx: int | str, min_ctx: int, k
     """Settings from most to least wanted: more layers, then more context, then f16 over q8_0."""
     for n in layers:
         for c in _ctx_options(p, n_ctx, min_ctx, gpu=n > 0):
-            use_fa = fa if fa != "auto" else n > 0  # FA: much faster prefill on CUDA (facts.md)
+            # FA: much faster prefill on CUDA (docs/measurements.md); a q8_0 V cache cannot work without it.
+            use_fa = fa if fa != "auto" else (n > 0 or kv == "q8_0")
             for k in ([kv] if kv != "auto" else ["f16", "q8_0"] if use_fa else ["f16"]):
                 yield n, c, k, use_fa
 
@@ -199,7 +200,7 @@ def plan_profile(p: Profile, vram_bytes: int | None, budget_source: str = "", *,
     n, ctx, kv, fa = chosen
     if kv == "q8_0" and kv_cache_type == "auto":
         notes.append("KV cache q8_0: an f16 cache of this context does not fit; decode ~12% slower "
-                     "(facts.md: 202 vs 229 tok/s)")
+                     "(docs/measurements.md: 202 vs 229 tok/s)")
     return _make_plan(p, n, ctx, kv, fa, vram_bytes, budget_source, notes)
 
 

@@ -1,8 +1,10 @@
 """Speed and memory of the miner's llama.cpp path, against raw llama.cpp on the same model, same run.
 
-For each task: raw llama-cpp-python free text (no constraint: the ceiling), raw llama-cpp-python
-with the task's grammar applied to the whole vocabulary every step (what `grammar=`/`response_format`
-do), and the miner's backend (lazy grammar check). Each run starts from an empty KV cache.
+For each task: the miner's backend (lazy grammar check, schema-forced text evaluated in batches), raw
+llama-cpp-python free text of the same length (no constraint: the usual ceiling), and raw
+llama-cpp-python with the task's grammar applied to the whole vocabulary every step (what
+`grammar=`/`response_format` do). Same sampling settings; each run starts from an empty KV cache.
+tok/s counts every token written, prompt time included: it is what a validator's clock sees.
 Data on stdout (a table, or --json), progress on stderr.
 
     python scripts/bench.py [--model FILE] [--n-gpu-layers N] [--tasks blueprint,chapters] [--repeat 2]
@@ -12,7 +14,7 @@ from __future__ import annotations
 import contextlib
 
 with contextlib.suppress(ImportError):
-    import llama_cpp  # before numpy: the other order made CUDA model loading segfault (facts.md)
+    import llama_cpp  # before numpy: the other order made CUDA model loading segfault (docs/measurements.md)
 
 import argparse
 import json
@@ -59,7 +61,7 @@ def raw_run(backend: LlamaCppBackend, messages, max_tokens: int, grammar: str | 
     kwargs = {"grammar": llama_cpp.LlamaGrammar.from_string(grammar, verbose=False)} if grammar else {}
     started = time.perf_counter()
     out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.8, top_p=0.95,
-                                     top_k=40, seed=seed, **kwargs)
+                                     top_k=40, repeat_penalty=1.1, seed=seed, **kwargs)
     return out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"], time.perf_counter() - started
 
 
@@ -78,9 +80,16 @@ def bench_task(backend: LlamaCppBackend, task: str, repeat: int) -> list[dict]:
     messages, schema, budget = spec.messages(ctx), spec.schema(ctx), spec.max_tokens(ctx)
     grammar = schema_to_gbnf(schema)
     prompt = len(backend.prompt_tokens(messages))
-    paths = [("raw llama.cpp, free text", lambda s: raw_run(backend, messages, budget, None, s)),
-             ("raw llama.cpp, grammar every step", lambda s: raw_run(backend, messages, budget, grammar, s)),
-             ("miner (lazy grammar check)", lambda s: miner_run(backend, messages, budget, schema, s))]
+    lengths: dict[int, int] = {}  # seed -> tokens the miner wrote: raw free text writes as many
+
+    def miner(seed: int):
+        text, n, s = miner_run(backend, messages, budget, schema, seed)
+        lengths[seed] = n
+        return text, n, s
+
+    paths = [("miner (lazy grammar + forced batches)", miner),
+             ("raw llama.cpp, free text, same length", lambda s: raw_run(backend, messages, lengths[s], None, s)),
+             ("raw llama.cpp, grammar every step", lambda s: raw_run(backend, messages, budget, grammar, s))]
     rows = []
     for name, run in paths:
         speeds, seconds, tokens, ok = [], [], [], 0
@@ -94,7 +103,7 @@ def bench_task(backend: LlamaCppBackend, task: str, repeat: int) -> list[dict]:
         rows.append({"task": task, "path": name, "prompt_tokens": prompt, "tokens": statistics.median(tokens),
                      "seconds": statistics.median(seconds), "tok_per_s": statistics.median(speeds),
                      "valid": f"{ok}/{repeat}"})
-    base = rows[0]["tok_per_s"]
+    base = rows[1]["tok_per_s"]
     for row in rows:
         row["vs_raw_free"] = row["tok_per_s"] / base if base else 0.0
     return rows
@@ -106,10 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-gpu-layers", default="auto", help="auto, -1, or a count")
     parser.add_argument("--n-ctx", default="auto")
     parser.add_argument("--n-threads", type=int)
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--tasks", default=",".join(TASKS), type=lambda v: v.split(","),
+                        help=f"comma-separated, from {', '.join(TASKS)}")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if unknown := set(args.tasks) - set(TASKS):
+        parser.error(f"unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(TASKS)}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 
     as_int = lambda v: v if v == "auto" else int(v)  # noqa: E731
@@ -126,16 +138,16 @@ def main(argv: list[str] | None = None) -> int:
               "rss_added_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) // 1024,
               "vram_added_mib": gpu_after - gpu_before if gpu_after is not None else None,
               "n_threads": backend.llm.n_threads}
-    rows = [row for task in args.tasks.split(",") for row in bench_task(backend, task, args.repeat)]
+    rows = [row for task in args.tasks for row in bench_task(backend, task, args.repeat)]
     backend.close()
     if args.json:
         json.dump({"setup": header, "runs": rows}, sys.stdout, indent=2)
         print()
         return 0
     print("  ".join(f"{k}={v}" for k, v in header.items()))
-    print(f"{'task':<11}{'path':<36}{'prompt':>7}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'vs raw free':>13}{'valid':>7}")
+    print(f"{'task':<11}{'path':<40}{'prompt':>7}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'vs raw free':>13}{'valid':>7}")
     for r in rows:
-        print(f"{r['task']:<11}{r['path']:<36}{r['prompt_tokens']:>7}{r['tokens']:>8.0f}{r['seconds']:>9.2f}"
+        print(f"{r['task']:<11}{r['path']:<40}{r['prompt_tokens']:>7}{r['tokens']:>8.0f}{r['seconds']:>9.2f}"
               f"{r['tok_per_s']:>8.1f}{r['vs_raw_free']:>12.2f}x{r['valid']:>7}")
     return 0
 

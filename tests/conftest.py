@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 
-# llama_cpp before numpy/torch: the other order made CUDA model loading segfault (facts.md).
+# llama_cpp before numpy/torch: the other order made CUDA model loading segfault (docs/measurements.md).
 with contextlib.suppress(ImportError):
     import llama_cpp  # noqa: F401
 
@@ -19,10 +19,3 @@ def embedded_backend():
     backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="local", n_ctx=4096))
     yield backend
     backend.close()
-
-
-@pytest.fixture()
-def loopback_bittensor(monkeypatch):
-    """No public-IP lookups: Axon and Dendrite would ask a web service this machine cannot reach."""
-    from bittensor.utils import networking
-    monkeypatch.setattr(networking, "get_external_ip", lambda: "127.0.0.1")

@@ -14,6 +14,7 @@ from backends.chain import BackendState, Chain
 from miner import examples
 from miner.config import Config, GenerationSettings
 from miner.demo import make_wallet, start_offline_miner
+from miner.neuron import no_public_ip_lookup
 from miner.protocol import StoryGenerationSynapse
 from miner.service import StoryService
 from miner.tasks import TASKS, Context
@@ -24,20 +25,17 @@ META = ("model_info", "generation_time")
 @pytest.fixture(scope="module")
 def served(embedded_backend, tmp_path_factory):
     """An offline miner allowlisting one validator wallet; yields (miner, validator dendrite, stranger dendrite)."""
-    from bittensor.utils import networking
-    original = networking.get_external_ip
-    networking.get_external_ip = lambda: "127.0.0.1"
     wallets = str(tmp_path_factory.mktemp("wallets"))
     validator, stranger = make_wallet(wallets, "validator"), make_wallet(wallets, "stranger")
     # The longest deadline the config allows: CPU time here is shared, and speed is bench.py's business.
     config = Config(generation=GenerationSettings(deadline_s=55))
     service = StoryService(Chain([BackendState(embedded_backend, "local")]), config.generation)
-    miner = start_offline_miner(config, service, wallets, [validator.hotkey.ss58_address])
-    try:
-        yield miner, bt.Dendrite(wallet=validator), bt.Dendrite(wallet=stranger)
-    finally:
-        miner.close()
-        networking.get_external_ip = original
+    with no_public_ip_lookup():
+        miner = start_offline_miner(config, service, wallets, [validator.hotkey.ss58_address])
+        try:
+            yield miner, bt.Dendrite(wallet=validator), bt.Dendrite(wallet=stranger)
+        finally:
+            miner.close()
 
 
 def ask(dendrite, miner, synapse, deserialize=False):

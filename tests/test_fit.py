@@ -1,10 +1,10 @@
-"""VRAM planning: estimates against facts.md and published file sizes, plans, a real tiny GGUF."""
+"""VRAM planning: estimates against docs/measurements.md and published file sizes, plans, a real tiny GGUF."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import llama_cpp  # before numpy: the other order made CUDA model loading segfault (facts.md)
+import llama_cpp  # before numpy: the other order made CUDA model loading segfault (docs/measurements.md)
 import numpy as np
 import pytest
 from gguf import GGUFWriter
@@ -16,7 +16,7 @@ BIG_MODELS = ["llama-3.1-70b", "mixtral-8x7b"]
 no_offload = pytest.mark.skipif(llama_cpp.llama_supports_gpu_offload(),
                                 reason="checks the CPU-only plan; this llama.cpp can offload")
 
-# facts.md, Llama-3.1-8B Q4_K_M on an H100: (n_gpu_layers, n_ctx, kv, flash_attn) -> measured MiB range.
+# docs/measurements.md, Llama-3.1-8B Q4_K_M on an H100: (n_gpu_layers, n_ctx, kv, flash_attn) -> measured MiB range.
 # The 28/33 and 20/33 rows do not say whether flash attention was on; at n_ctx 4096 the estimate is the same.
 FACTS_8B = [((33, 4096, "f16", True), (5705, 5783)), ((28, 4096, "f16", True), (4987, 4987)),
             ((20, 4096, "f16", True), (3875, 3875)), ((33, 8192, "f16", False), (6523, 6523)),

@@ -59,12 +59,12 @@ def test_the_old_example_maps_onto_an_ordered_backends_list_printed_once(tmp_pat
     gemini, local = config.backends
     assert (gemini.type, gemini.model, gemini.api_key_env) == ("gemini", "gemini-2.0-flash-exp", "GEMINI_API_KEY")
     assert local.type == "llama_cpp" and local.model_path == "models/qwen2.5-7b-instruct-q4_k_m-00001-of-00002.gguf"
-    assert local.vram_gb == 16.0 and local.n_gpu_layers == "auto"
+    assert local.vram_gb is None and local.n_gpu_layers == "auto"
     assert again == config
     message = caplog.text
     assert message.count("old StoryFi generator format") == 1
     assert "python scripts/download_model.py qwen2.5-7b" in message
-    assert "generator.template_dir" in message
+    assert "generator.template_dir" in message and "max_memory: dropped" in message
     # What was printed is a config that loads to the same thing.
     assert load_config(old_file(tmp_path, printed_yaml(caplog), "new.yaml")) == config
 

@@ -11,6 +11,7 @@ from backends.jsonwalk import JsonWalker
 from backends.llama_cpp import LlamaCppBackend
 from miner.config import LlamaCppSettings
 from miner.tasks import TASKS, Context
+from miner.tasks.common import obj, text
 from models.embedded import embedded_model_path
 
 
@@ -66,8 +67,10 @@ def test_max_tokens_bounds_the_answer(embedded_backend):
 
 
 def test_the_deadline_stops_a_generation(embedded_backend):
+    long_story = obj(story=text(2000, 3000))  # far more than fits in half a second: it cannot end early
     with pytest.raises(DeadlineExceeded):
-        embedded_backend.generate(ask("Write a very long story.", max_tokens=3000, deadline=time.monotonic() + 0.5))
+        embedded_backend.generate(ask("Write a very long story.", max_tokens=3000, schema=long_story,
+                                      deadline=time.monotonic() + 0.5))
     # The model is free again afterwards.
     assert embedded_backend.generate(ask("Say hi.", max_tokens=3)).completion_tokens > 0
 

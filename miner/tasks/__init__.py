@@ -1,7 +1,7 @@
 """Task specs: for each task_type, the chat messages, the JSON schema, the token budget, and the check.
 
 The schema is what a backend constrains its output to; the check holds the parsed object against the
-full contract in ../shared/spec/protocol.md (things JSON schema cannot say, like distinct consequences).
+full contract in docs/protocol.md (things JSON schema cannot say, like distinct consequences).
 """
 from __future__ import annotations
 

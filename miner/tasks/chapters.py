@@ -12,7 +12,8 @@ CHOICE_IDS = ("A", "B", "C")
 
 def _planned(ctx, chapter_id: int) -> str:
     """The story arc's line for this chapter, if it has one."""
-    for chapter in (ctx.story_arc or {}).get("chapters") or []:
+    chapters = (ctx.story_arc or {}).get("chapters")
+    for chapter in chapters if isinstance(chapters, list) else []:
         if isinstance(chapter, dict) and chapter.get("id") == chapter_id:
             return f"{chapter.get('title', '')}: {chapter.get('description', '')}"
     return "the next step of the story arc"
