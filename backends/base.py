@@ -37,6 +37,36 @@ class Request:
         return self.deadline - time.monotonic()
 
 
+MIN_CALL_S = 1.0  # less time left than this: a call cannot finish, so none is started
+HEALTH_TIMEOUT_S = 10.0  # a health check's own call to an API
+RETRY_PAUSE_S = 0.5
+
+
+class Retries:
+    """The tries of one remote call inside a request's deadline, shared by the API backends:
+    each try gets min(timeout_s, time left); transient failures are retried up to max_retries."""
+
+    def __init__(self, name: str, request: Request, timeout_s: float, max_retries: int):
+        self.name, self.request, self.timeout_s, self.max_retries = name, request, timeout_s, max_retries
+        self.failures: list[str] = []
+
+    def timeout(self) -> float:
+        """Seconds for the next try; raises DeadlineExceeded when none can finish in time."""
+        timeout = min(self.timeout_s, self.request.seconds_left())
+        if timeout < MIN_CALL_S:
+            after = f" after {len(self.failures)} failed tries: {self.failures[-1]}" if self.failures else ""
+            raise DeadlineExceeded(f"{self.name}: the deadline passed{after}")
+        return timeout
+
+    def failed(self, reason: str) -> None:
+        """A transient failure: raise once retries are spent, else pause briefly before the next try."""
+        self.failures.append(reason)
+        if len(self.failures) > self.max_retries:
+            raise BackendError(f"{self.name}: {reason} ({len(self.failures)} tries; backends max_retries "
+                               f"is {self.max_retries})")
+        time.sleep(min(RETRY_PAUSE_S, max(self.request.seconds_left() - MIN_CALL_S, 0)))
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     mode: str  # "local", "api" or "custom": validators read it, so it must be honest

@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from backends.base import Backend, BackendError, DeadlineExceeded, Generation, Health, ModelInfo, Request
+from backends.base import MIN_CALL_S, Backend, BackendError, DeadlineExceeded, Generation, Health, ModelInfo, Request
 
-MIN_CALL_S = 1.0  # less time left than this: don't start the command
 STDERR_TAIL = 500
 HEALTH_REQUEST = {"messages": [{"role": "user", "content": "Say OK."}], "schema": None, "max_tokens": 2,
                   "temperature": 0.0, "top_p": 1.0}

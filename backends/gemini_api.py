@@ -16,13 +16,11 @@ from typing import Any
 from google import genai
 from google.genai import errors, types
 
-from backends.base import Backend, BackendError, DeadlineExceeded, Generation, Health, ModelInfo, Request
+from backends.base import (HEALTH_TIMEOUT_S, Backend, BackendError, Generation, Health, ModelInfo, Request,
+                           Retries)
 
 log = logging.getLogger(__name__)
 
-MIN_CALL_S = 1.0  # less time left than this: a call cannot finish, so don't start one
-HEALTH_TIMEOUT_S = 10.0
-RETRY_PAUSE_S = 0.5
 TRANSIENT_CODES = {408, 429, 500, 502, 503, 504}
 ROLES = {"user": "user", "assistant": "model"}  # system messages become the system instruction
 FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length"}  # anything else (SAFETY, ...) is a failure
@@ -112,26 +110,20 @@ class GeminiBackend(Backend):
     def generate(self, request: Request) -> Generation:
         started = time.monotonic()
         system, contents = _contents(request.messages)
-        failures: list[str] = []
+        retries = Retries(self.name, request, self.timeout_s, self.max_retries)
         while True:
-            timeout = min(self.timeout_s, request.seconds_left())
-            if timeout < MIN_CALL_S:
-                raise DeadlineExceeded(f"{self.name}: the deadline passed" +
-                                       (f" after {len(failures)} failed tries: {failures[-1]}" if failures else ""))
+            timeout = retries.timeout()
             try:
                 response = self.client.models.generate_content(
                     model=self.model, contents=contents, config=self._config(request, system, timeout))
             except errors.APIError as e:
                 if e.code not in TRANSIENT_CODES:
                     raise BackendError(f"{self.name}: {self._describe(e)}") from None
-                failures.append(self._describe(e))
+                retries.failed(self._describe(e))
             except TRANSPORT_ERRORS as e:
-                failures.append(f"{self.where} did not answer ({type(e).__name__}: {e})")
+                retries.failed(f"{self.where} did not answer ({type(e).__name__}: {e})")
             else:
                 return self._generation(response, time.monotonic() - started)
-            if len(failures) > self.max_retries:
-                raise BackendError(f"{self.name}: {failures[-1]} ({len(failures)} tries)")
-            time.sleep(min(RETRY_PAUSE_S, max(request.seconds_left() - MIN_CALL_S, 0)))
 
     def _generation(self, response: types.GenerateContentResponse, seconds: float) -> Generation:
         if not response.candidates:

@@ -18,15 +18,13 @@ from typing import Any, Callable
 
 import openai
 
-from backends.base import Backend, BackendError, DeadlineExceeded, Generation, Health, ModelInfo, Request
+from backends.base import (HEALTH_TIMEOUT_S, Backend, BackendError, Generation, Health, ModelInfo, Request,
+                           Retries)
 
 log = logging.getLogger(__name__)
 
 OPENAI_URL = "https://api.openai.com/v1"  # explicit, so OPENAI_BASE_URL in the environment is never used
 NO_KEY = "none"  # servers without auth still want a non-empty bearer token
-MIN_CALL_S = 1.0  # less time left than this: a call cannot finish, so don't start one
-HEALTH_TIMEOUT_S = 10.0
-RETRY_PAUSE_S = 0.5
 
 
 def _json_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -129,12 +127,9 @@ class OpenAIBackend(Backend):
 
     def generate(self, request: Request) -> Generation:
         started = time.monotonic()
-        failures: list[str] = []
+        retries = Retries(self.name, request, self.timeout_s, self.max_retries)
         while True:
-            timeout = min(self.timeout_s, request.seconds_left())
-            if timeout < MIN_CALL_S:
-                raise DeadlineExceeded(f"{self.name}: the deadline passed" +
-                                       (f" after {len(failures)} failed tries: {failures[-1]}" if failures else ""))
+            timeout = retries.timeout()
             fmt = self._format
             try:
                 response = self._create(request, timeout, fmt)
@@ -143,17 +138,13 @@ class OpenAIBackend(Backend):
                     continue
                 if not isinstance(e, TRANSIENT):
                     raise BackendError(f"{self.name}: {self._describe(e)}") from None
-                failures.append(self._describe(e))
+                retries.failed(self._describe(e))
             except openai.APIConnectionError as e:
-                failures.append(f"{self.where} did not answer ({type(e).__name__}: {e})")
+                retries.failed(f"{self.where} did not answer ({type(e).__name__}: {e})")
             except openai.APIError as e:
                 raise BackendError(f"{self.name}: {self._describe(e)}") from None
             else:
                 return self._generation(response, time.monotonic() - started)
-            if len(failures) > self.max_retries:
-                raise BackendError(f"{self.name}: {failures[-1]} ({len(failures)} tries; backends max_retries "
-                                   f"is {self.max_retries})")
-            time.sleep(min(RETRY_PAUSE_S, max(request.seconds_left() - MIN_CALL_S, 0)))
 
     def _generation(self, response: Any, seconds: float) -> Generation:
         if not response.choices:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from miner.tasks.story_arc import progress
+
 # Validators send short Chinese prompts like "一个关于太空探险的故事"; the example asks the same in English,
 # the language the embedded demo model (SmolLM2-135M) writes well and in the fewest tokens.
 USER_INPUT = "A story about a space expedition"
@@ -38,7 +40,7 @@ STORY_ARC: dict[str, Any] = {
     "title": "The Silent Relay",
     "description": "A navigator follows a signal from a dead relay station into the dark.",
     "chapters": [{"id": i, "title": f"Chapter {i}", "description": f"The convoy's journey, step {i}.",
-                  "storyProgress": round(i / 12, 2)} for i in range(1, 13)],
+                  "storyProgress": progress(i)} for i in range(1, 13)],
     "arcs": {"act1": {"chapters": [1, 2, 3]}, "act2a": {"chapters": [4, 5, 6]},
              "act2b": {"chapters": [7, 8, 9]}, "act3": {"chapters": [10, 11, 12]}},
     "themes": {"primary": "trust"},

@@ -86,7 +86,8 @@ def test_a_blueprint_under_the_task_grammar_meets_the_contract(embedded_backend)
 
 def test_health_runs_a_tiny_real_generation(embedded_backend):
     health = embedded_backend.health()
-    assert health.ok and "generated" in health.detail and "CPU only" in health.detail
+    where = f"{embedded_backend.plan.n_gpu_layers} layers on GPU" if embedded_backend.plan.n_gpu_layers else "CPU only"
+    assert health.ok and "generated" in health.detail and where in health.detail
 
 
 def test_text_the_schema_forces_is_batched_not_sampled(embedded_backend):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,13 @@ from backends.chain import Chain
 from backends.openai_api import OpenAIBackend
 from miner import examples
 from miner.config import ChainSettings, OpenAISettings, load_config
+from miner.demo import free_port
 from miner.health import main as health_main
 from miner.service import StoryService
 from models.embedded import embedded_model_path
 
 ALIAS = "smollm2"
 MISSING_ENV = "STORYFI_TEST_KEY_THAT_IS_NOT_SET"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
