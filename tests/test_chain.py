@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
-import threading
 import time
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from backends.openai_api import OpenAIBackend
 from miner import examples
 from miner.config import ChainSettings, CustomSettings, GenerationSettings, OpenAISettings
 from miner.service import StoryService
+from tests.scripted_http import ScriptedHTTP
 
 BLUEPRINT = {
     "title": "The Tide Clock", "genre": "mystery",
@@ -127,40 +126,6 @@ def test_health_checks_steer_the_chain():
 
 
 # --- real failures of a real API --------------------------------------------------------------------------
-class MisbehavingAPI:
-    """An OpenAI-compatible endpoint on loopback that answers from a queue: (status, body) or ("stall", s)."""
-
-    def __init__(self) -> None:
-        self.replies: deque = deque()
-        self.hits = 0
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _reply(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                api.hits += 1
-                status, body = api.replies.popleft()
-                if status == "stall":
-                    time.sleep(body)
-                    return
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _reply
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def completion(content: str) -> dict:
     return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "gpt-test",
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
@@ -169,10 +134,9 @@ def completion(content: str) -> dict:
 
 @pytest.fixture
 def api():
-    server = MisbehavingAPI()
+    server = ScriptedHTTP()  # an OpenAI-compatible endpoint that misbehaves on cue
     yield server
-    server.server.shutdown()
-    server.server.server_close()
+    server.close()
 
 
 @pytest.fixture
@@ -192,8 +156,8 @@ def service(*backends, deadline_s: float = 25.0) -> StoryService:
     return StoryService(Chain.from_config(backends, ChainSettings()), GenerationSettings(deadline_s=deadline_s))
 
 
-def cloud(api: MisbehavingAPI, **kw) -> OpenAISettings:
-    return OpenAISettings(**{"type": "openai", "name": "cloud", "model": "gpt-test", "base_url": api.url,
+def cloud(api: ScriptedHTTP, **kw) -> OpenAISettings:
+    return OpenAISettings(**{"type": "openai", "name": "cloud", "model": "gpt-test", "base_url": f"{api.url}/v1",
                              "api_key_env": None, **kw})
 
 
@@ -219,7 +183,7 @@ def test_an_api_answering_500_is_retried_within_bounds_then_passed_over(api, wri
     svc = service(cloud(api, max_retries=1), writer)
     answer = svc.answer(examples.example_fields("blueprint"))
     assert answer.ok and answer.output["model_info"]["name"] == "fixture-writer"
-    assert api.hits == 2  # one try and one retry, no more
+    assert len(api.requests) == 2  # one try and one retry, no more
     assert "upstream exploded" in svc.chain.states[0].last_error
 
 

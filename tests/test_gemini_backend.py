@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
-from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -17,6 +14,7 @@ from backends.base import BackendError, Request
 from backends.chain import Chain
 from backends.gemini_api import GeminiBackend, gemini_schema
 from miner import examples
+from tests.scripted_http import ScriptedHTTP
 from miner.config import ChainSettings, GeminiSettings, GenerationSettings
 from miner.service import StoryService
 from miner.tasks import TASKS, Context
@@ -37,51 +35,15 @@ def gemini_answer(text: str, finish: str = "STOP") -> dict[str, Any]:
             "modelVersion": "gemini-2.0-flash-001"}
 
 
-class FakeGemini:
-    """Answers from a queue of (status, body) or ("stall", seconds); records every request."""
-
-    def __init__(self) -> None:
-        self.replies: deque = deque()
-        self.requests: list[dict[str, Any]] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _reply(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                fake.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
-                                      "body": json.loads(self.rfile.read(length)) if length else None})
-                status, body = fake.replies.popleft() if fake.replies else (404, {"error": {
-                    "code": 404, "message": "nothing queued", "status": "NOT_FOUND"}})
-                if status == "stall":
-                    time.sleep(body)
-                    return
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _reply
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def error(self, code: int, status: str, message: str) -> tuple[int, dict]:
-        return code, {"error": {"code": code, "message": message, "status": status}}
+def error(code: int, status: str, message: str) -> tuple[int, dict]:
+    return code, {"error": {"code": code, "message": message, "status": status}}
 
 
 @pytest.fixture
 def fake():
-    server = FakeGemini()
+    server = ScriptedHTTP(when_empty=error(404, "NOT_FOUND", "nothing queued"))  # Gemini's wire format
     yield server
-    server.server.shutdown()
-    server.server.server_close()
+    server.close()
 
 
 @pytest.fixture
@@ -133,14 +95,14 @@ def test_the_schema_keeps_only_what_gemini_takes():
 
 
 def test_server_errors_are_retried_while_time_allows_then_reported(fake, key):
-    fake.replies.extend([fake.error(503, "UNAVAILABLE", "overloaded")] * 2)
+    fake.replies.extend([error(503, "UNAVAILABLE", "overloaded")] * 2)
     with pytest.raises(BackendError, match="overloaded.*2 tries"):
         GeminiBackend.from_settings(settings(fake.url, max_retries=1)).generate(request())
     assert len(fake.requests) == 2
 
 
 def test_a_refused_key_is_not_retried_and_says_which_variable(fake, key):
-    fake.replies.append(fake.error(403, "PERMISSION_DENIED", "API key not valid"))
+    fake.replies.append(error(403, "PERMISSION_DENIED", "API key not valid"))
     with pytest.raises(BackendError, match=f"key in {KEY_ENV}.*API key not valid"):
         GeminiBackend.from_settings(settings(fake.url)).generate(request())
     assert len(fake.requests) == 1
@@ -165,7 +127,7 @@ def test_health_looks_the_model_up(fake, key):
     fake.replies.append((200, {"name": f"models/{MODEL}", "displayName": "Gemini 2.0 Flash"}))
     backend = GeminiBackend.from_settings(settings(fake.url))
     assert backend.health().ok and re.fullmatch(rf"/v1(beta)?/models/{MODEL}", fake.requests[-1]["path"])
-    fake.replies.append(fake.error(404, "NOT_FOUND", f"models/{MODEL} is not found"))
+    fake.replies.append(error(404, "NOT_FOUND", f"models/{MODEL} is not found"))
     health = backend.health()
     assert not health.ok and f"no model {MODEL}" in health.detail
 
