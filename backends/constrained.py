@@ -3,8 +3,9 @@
 llama-cpp-python's `response_format`/`grammar` filters the whole vocabulary through the grammar at every
 step (about 8x slower than free text on an H100, 2x on a CPU: docs/measurements.md). Here the token is sampled
 freely by llama.cpp's own C sampler chain first, then only that token is checked against the grammar;
-the full-vocabulary filter runs only when it is rejected, as llama.cpp's common sampler does. The
-result obeys the grammar exactly like the slow path, and only the loop itself is Python.
+the full-vocabulary filter runs only when it is rejected, as llama.cpp's common sampler does. Text the
+schema leaves no choice over (backends/jsonwalk.py) is not sampled at all but evaluated in one batch.
+The result obeys the grammar exactly like the slow path, and only the loop itself is Python.
 """
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ class DecodeStats:
     tokens: list[int]
     finish_reason: str  # "stop" or "length"
     rejected: int  # sampled tokens the grammar refused (each costs one full-vocabulary filter)
-    seconds: float
-    forced: int = 0  # tokens evaluated in batches because the schema left no choice
+    forced: int  # tokens evaluated in batches because the schema left no choice
 
 
 class Sampler:
@@ -115,7 +115,6 @@ def decode(llm: llama_cpp.Llama, sampler: Sampler, max_tokens: int, deadline: fl
            walker: JsonWalker | None = None) -> DecodeStats:
     """Sample until end-of-generation (or the walker's JSON is complete), max_tokens, or the deadline
     (which raises). Text the walker says is forced is evaluated as one batch, never sampled."""
-    start = time.perf_counter()
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     limit = min(max_tokens, llm.n_ctx() - llm.n_tokens)
     text = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -124,7 +123,7 @@ def decode(llm: llama_cpp.Llama, sampler: Sampler, max_tokens: int, deadline: fl
     rejected = forced = 0
 
     def stats(reason: str) -> DecodeStats:
-        return DecodeStats(tokens, reason, rejected, time.perf_counter() - start, forced)
+        return DecodeStats(tokens, reason, rejected, forced)
 
     while True:
         if walker is not None and walker.forced:

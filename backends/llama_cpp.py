@@ -92,6 +92,7 @@ class LlamaCppBackend(Backend):
         self._lock = threading.Lock()
         template = meta.get("tokenizer.chat_template")
         if not template:
+            self.llm.close()
             raise BackendError(f"{path} has no chat template (tokenizer.chat_template) in its metadata; "
                                f"use an Instruct GGUF, or {GET_A_MODEL}")
         vocab = self.llm._model

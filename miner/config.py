@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(Exception):
@@ -56,6 +56,13 @@ class LlamaCppSettings(_BackendBase):
         if isinstance(v, int) and not 512 <= v <= 131072:
             raise ValueError("must be between 512 and 131072, or auto")
         return v
+
+    @model_validator(mode="after")
+    def _quantized_cache_needs_flash_attention(self) -> LlamaCppSettings:
+        if self.kv_cache_type == "q8_0" and self.flash_attn is False:
+            raise ValueError("kv_cache_type q8_0 needs flash_attn (llama.cpp quantizes the V cache only with "
+                             "it): set flash_attn: true or auto, or kv_cache_type: f16")
+        return self
 
 
 class OpenAISettings(_BackendBase):

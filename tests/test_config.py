@@ -59,6 +59,7 @@ def test_every_config_key_is_in_the_example_file():
     ("backends:\n  - type: llama\n", "backends.0: Input tag 'llama' found using 'type' does not match"),
     ("axon:\n  port: 700000\n", "axon.port: Input should be less than or equal to 65535"),
     ("generation:\n  deadline_s: 90\n", "generation.deadline_s"),
+    ("backends:\n  - type: llama_cpp\n    kv_cache_type: q8_0\n    flash_attn: false\n", "q8_0 needs flash_attn"),
     ("backends: []\n", "backends: List should have at least 1 item"),
     ("- just\n- a list\n", "the top level must be a mapping"),
     ("netuid: [\n", "not valid YAML"),
