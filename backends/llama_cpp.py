@@ -23,6 +23,7 @@ from backends.constrained import Sampler, decode
 from backends.grammar import SchemaNotSupported, schema_to_gbnf
 from backends.jsonwalk import JsonWalker, WalkError
 from models import fit
+from models.catalog import load_profile
 from models.embedded import DISPLAY_NAME, EmbeddedModelMissing, embedded_model_path
 
 log = logging.getLogger(__name__)
@@ -78,23 +79,23 @@ class LlamaCppBackend(Backend):
         check_gguf(path)
         self.path = path
         try:
-            plan = fit.plan(path, vram_bytes=int(settings.vram_gb * 2**30) if settings.vram_gb else None,
-                            n_gpu_layers=settings.n_gpu_layers, n_ctx=settings.n_ctx,
-                            kv_cache_type=settings.kv_cache_type, flash_attn=settings.flash_attn)
+            profile = load_profile(path)
         except (ValueError, OSError) as e:
             raise BackendError(f"cannot read the GGUF metadata of {path} ({e}); the file may be corrupt or "
                                f"truncated: re-download it, or {GET_A_MODEL}") from None
+        if not profile.has_chat_template:  # checked before the load: a rebuild loop must not reload it
+            raise BackendError(f"{path} has no chat template (tokenizer.chat_template) in its metadata; "
+                               f"use an Instruct GGUF, or {GET_A_MODEL}")
+        plan = fit.plan(profile, vram_bytes=int(settings.vram_gb * 2**30) if settings.vram_gb else None,
+                        n_gpu_layers=settings.n_gpu_layers, n_ctx=settings.n_ctx,
+                        kv_cache_type=settings.kv_cache_type, flash_attn=settings.flash_attn)
         started = time.monotonic()
         self.llm, self.plan = load_planned(path, plan, settings)
         meta = self.llm.metadata
         self.model_name = display_name or meta.get("general.name") or path.stem
         self.seed = settings.seed
         self._lock = threading.Lock()
-        template = meta.get("tokenizer.chat_template")
-        if not template:
-            self.llm.close()
-            raise BackendError(f"{path} has no chat template (tokenizer.chat_template) in its metadata; "
-                               f"use an Instruct GGUF, or {GET_A_MODEL}")
+        template = meta["tokenizer.chat_template"]
         vocab = self.llm._model
         self._bos = vocab.token_get_text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
         eos = vocab.token_get_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""

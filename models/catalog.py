@@ -208,6 +208,7 @@ class Profile:
     layout: Layout
     n_expert: int = 0
     n_expert_used: int = 0
+    has_chat_template: bool = True  # catalog models are all Instruct models
 
 
 def load_profile(model: str | Path, quant: str = "Q4_K_M") -> Profile:
@@ -264,7 +265,7 @@ def _profile_from_gguf(path: Path) -> Profile:
     return Profile(path.name, n_layer, int(meta(f"{arch}.context_length", 4096)), n_head, n_head_kv, key_len,
                    int(meta(f"{arch}.attention.value_length", key_len)), int(n_vocab),
                    _layout(tensors, n_layer), int(meta(f"{arch}.expert_count", 0)),
-                   int(meta(f"{arch}.expert_used_count", 0)))
+                   int(meta(f"{arch}.expert_used_count", 0)), "tokenizer.chat_template" in fields)
 
 
 def _layout(tensors: list, n_layer: int) -> Layout:

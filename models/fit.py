@@ -204,11 +204,11 @@ def plan_profile(p: Profile, vram_bytes: int | None, budget_source: str = "", *,
     return _make_plan(p, n, ctx, kv, fa, vram_bytes, budget_source, notes)
 
 
-def plan(model_path: str | Path, *, vram_bytes: int | None = None, n_gpu_layers: int | str = "auto",
+def plan(model_path: str | Path | Profile, *, vram_bytes: int | None = None, n_gpu_layers: int | str = "auto",
          n_ctx: int | str = "auto", kv_cache_type: str = "auto", flash_attn: bool | str = "auto",
          min_ctx: int = 4096) -> Plan:
-    """Plan for a GGUF file (or a catalog name). vram_bytes None: ask the GPU for its free memory."""
-    profile = load_profile(model_path)
+    """Plan for a GGUF file, a catalog name, or a profile already read. vram_bytes None: ask the GPU."""
+    profile = model_path if isinstance(model_path, Profile) else load_profile(model_path)
     source = "given"
     if vram_bytes is None:
         probed = _probe_vram()

@@ -2,6 +2,7 @@
 import json
 import time
 
+import numpy as np
 import pytest
 
 from backends.base import BackendError, DeadlineExceeded, Request
@@ -103,3 +104,20 @@ def test_text_the_schema_forces_is_batched_not_sampled(embedded_backend):
     answer = json.loads(llm.detokenize(stats.tokens).decode())
     assert TASKS["characters"].check(answer, ctx) and stats.finish_reason == "stop"
     assert stats.forced >= 5 * 9  # at least every key of every character came as a batch
+
+
+def test_a_gguf_without_a_chat_template_is_refused_before_loading(tmp_path):
+    import gguf
+    path = tmp_path / "base-model.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(256)
+    writer.add_head_count(2)
+    writer.add_context_length(512)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 256), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(BackendError, match="has no chat template"):
+        LlamaCppBackend.from_settings(settings(path))
