@@ -44,6 +44,11 @@ class BackendState:
     def cooling(self, now: float) -> bool:
         return now < self.cooldown_until
 
+    def usable(self, now: float) -> bool:
+        """Built, not failing its last health check, not on cool-down."""
+        ok = self.health.ok if self.health is not None else True
+        return self.backend is not None and ok and not self.cooling(now)
+
     @property
     def type(self) -> str:
         return self.backend.type if self.backend is not None else getattr(self.settings, "type", "?")
@@ -169,11 +174,7 @@ class Chain:
     def serving(self) -> BackendState | None:
         """The backend a request would go to first now, if any can serve."""
         now = time.monotonic()
-        for state in self.states:
-            usable = state.health.ok if state.health is not None else state.backend is not None
-            if state.backend is not None and usable and not state.cooling(now):
-                return state
-        return None
+        return next((state for state in self.states if state.usable(now)), None)
 
     def close(self) -> None:
         for backend in self.backends:

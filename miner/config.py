@@ -6,7 +6,7 @@ names the key, e.g. `backends.0.n_ctx: Input should be greater than or equal to 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -96,7 +96,9 @@ BackendSettings = Annotated[
     Union[LlamaCppSettings, OpenAISettings, GeminiSettings, CustomSettings], Field(discriminator="type")]
 
 
-BACKEND_TYPES = ("llama_cpp", "openai", "gemini", "custom")
+# The `type:` values, read off the settings classes above.
+BACKEND_TYPES = tuple(get_args(m.model_fields["type"].annotation)[0]
+                      for m in get_args(get_args(BackendSettings)[0]))
 
 
 class WalletSettings(_Strict):
@@ -168,9 +170,10 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
         # pydantic puts the backend's type tag in the path (backends.0.llama_cpp.n_ctx); the YAML has none.
-        parts = [p for i, p in enumerate(e["loc"]) if not (i and isinstance(e["loc"][i - 1], int) and p in BACKEND_TYPES)]
-        loc = ".".join(str(p) for p in parts if not str(p).startswith(("function-", "tagged-union")))
-        lines.append(f"  {loc or '(top level)'}: {e['msg']}")
+        loc = e["loc"]
+        parts = [p for i, p in enumerate(loc) if not (i and isinstance(loc[i - 1], int) and p in BACKEND_TYPES)]
+        dotted = ".".join(str(p) for p in parts if not str(p).startswith(("function-", "tagged-union")))
+        lines.append(f"  {dotted or '(top level)'}: {e['msg']}")
     return "\n".join(lines)
 
 

@@ -72,7 +72,7 @@ def _backend_row(state: BackendState, now: float) -> dict[str, Any]:
     detail = health.detail
     if cooling and health.ok:
         detail = f"skipped for {cooling:.0f} s after failing: {state.last_error}"
-    return {"name": state.label, "type": state.type, "mode": state.mode, "ok": bool(health.ok and not cooling),
+    return {"name": state.label, "type": state.type, "mode": state.mode, "ok": state.usable(now),
             "detail": detail, "cooling_down_s": round(cooling, 1), "served": state.served}
 
 
