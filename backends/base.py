@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 
 class BackendError(Exception):
@@ -20,21 +20,40 @@ class DeadlineExceeded(BackendError):
 
 
 class BackendBusy(BackendError):
-    """The backend was busy with earlier requests for as long as this one could wait: not a failure."""
+    """The backend cannot answer this request in time at its current load: not a failure."""
+
+
+class AnswerRejected(ValueError):
+    """The caller refused an answer. `retry_from` is the start of it worth keeping: one more try continues
+    from there (where the backend can), so only the failing part is written again."""
+
+    def __init__(self, message: str, retry_from: str | None = None):
+        super().__init__(message)
+        self.retry_from = retry_from
 
 
 @dataclass(frozen=True)
 class Request:
     messages: list[dict[str, str]]
     max_tokens: int
-    deadline: float  # time.monotonic() by which the answer must be back
+    deadline: float  # time.monotonic() by which the answer must be back: the hard limit
     schema: dict[str, Any] | None = None
     temperature: float = 0.8
     top_p: float = 0.95
     repeat_penalty: float = 1.1  # local sampling only; 1.0 is off
+    # Sizing (backends that know their own speed): the time the answer should be back by, which sizes it
+    # but never aborts it; the messages that ask for a schema shrunk to fit; text in the answer's language.
+    target: float | None = None  # time.monotonic(); None: the deadline
+    resize: Callable[[dict[str, Any]], list[dict[str, str]]] | None = field(default=None, compare=False)
+    language_sample: str = ""
+    prefix: str = ""  # the answer's start, fixed: the backend continues it (a targeted retry), or starts over
+    priority: float = 0.0  # the caller's stake: more is served first when requests wait
 
     def seconds_left(self) -> float:
         return self.deadline - time.monotonic()
+
+    def target_time(self) -> float:
+        return self.deadline if self.target is None else min(self.target, self.deadline)
 
 
 MIN_CALL_S = 1.0  # less time left than this: a call cannot finish, so none is started
@@ -93,7 +112,10 @@ class Generation:
     seconds: float
     backend: str
     model: ModelInfo
-    finish_reason: str = "stop"  # "stop", "length" or "deadline"
+    finish_reason: str = "stop"  # "stop" or "length"
+    schema: dict[str, Any] | None = None  # the schema the answer was held to, when the backend sized it
+    cached_tokens: int = 0  # prompt tokens whose KV cache an earlier request had already computed
+    forced_tokens: int = 0  # completion tokens the schema dictated, evaluated in batches
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
 """The ordered fallback chain: the first backend that can serve, in YAML order, answers.
 
 A failure, a timeout, or an answer the caller's `accept` rejects moves on to the next backend while the
-deadline allows. A backend that keeps failing, or fails its health check, is skipped for a cool-down and
-probed again later (by a request once the cool-down ends, or by the next health check). Nothing is ever
-invented: when every backend fails, the error says why for each.
+deadline allows. A rejected answer first gets one more try on the same backend, continuing from the part
+worth keeping where the backend can (a schema-valid answer that breaks a rule the schema cannot say).
+A backend that keeps failing, or fails its health check, is skipped for a cool-down and probed again
+later (by a request once the cool-down ends, or by the next health check). Nothing is ever invented:
+when every backend fails, the error says why for each.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from backends import build_backend
-from backends.base import Backend, BackendBusy, BackendError, Generation, Health, Request
+from backends.base import AnswerRejected, Backend, BackendBusy, BackendError, Generation, Health, Request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,6 +67,9 @@ def _build(settings: Any) -> BackendState:
     except BackendError as e:
         log.warning("backend %s is down: %s", settings.label, e)
         return BackendState(None, settings.label, settings, build_error=str(e))
+    except Exception as e:  # a bug in one backend must not keep the others from serving
+        log.exception("backend %s could not be built", settings.label)
+        return BackendState(None, settings.label, settings, build_error=f"unexpected {type(e).__name__}: {e}")
 
 
 class Chain:
@@ -104,9 +110,8 @@ class Chain:
                 reasons[i] = "skipped: the deadline had passed"
                 continue
             try:
-                generation = state.backend.generate(request)
-                result = accept(generation)
-            except BackendBusy as e:  # queued too long behind other requests: no reason to cool it down
+                result, generation = self._ask(state, request, accept)
+            except BackendBusy as e:  # too busy to answer in time: no reason to cool it down
                 reasons[i] = str(e)
                 continue
             except (BackendError, ValueError) as e:
@@ -119,6 +124,28 @@ class Chain:
                 return result, generation
             self._failed(state, reasons[i])
         raise AllBackendsFailed([(self.states[i].label, reasons[i]) for i in sorted(reasons)])
+
+    @staticmethod
+    def _ask(state: BackendState, request: Request, accept: Callable[[Generation], T]) -> tuple[T, Generation]:
+        """One backend's answer, with one retry when accept() rejects it and time is left."""
+        generation = state.backend.generate(request)
+        try:
+            return accept(generation), generation
+        except AnswerRejected as e:
+            if request.seconds_left() < MIN_SECONDS_TO_TRY:
+                raise
+            log.info("backend %s: answer rejected (%s); trying once more%s", state.label, e,
+                     " from where it went wrong" if e.retry_from else "")
+            retry = request
+            if e.retry_from and generation.schema is not None:  # continue under the schema it was held to
+                messages = request.resize(generation.schema) if request.resize else request.messages
+                retry = dataclasses.replace(request, messages=messages, prefix=e.retry_from,
+                                            schema=generation.schema, resize=None)
+            try:
+                generation = state.backend.generate(retry)
+            except BackendBusy:  # no time for it: the rejection is the news
+                raise e from None
+            return accept(generation), generation
 
     def _failed(self, state: BackendState, error: str) -> None:
         with self._lock:

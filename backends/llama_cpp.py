@@ -1,37 +1,49 @@
-"""A local Q4 GGUF model in llama.cpp (llama-cpp-python), the miner's first choice.
+"""A local Q4 GGUF model in llama.cpp, the miner's first choice.
 
-The model loads once. Offload (layers, context, KV cache type, flash attention) is planned by
-models.fit unless the YAML pins it. Generations run one at a time (a lock queues the rest), each bounded by
-max_tokens and by the request's deadline; output is grammar-constrained to the task's JSON schema.
+The model loads once, with offload (layers, context, KV cache type, flash attention) planned by
+models.fit unless the YAML pins it. Up to `parallel` requests decode together (backends/batching.py),
+each held to its JSON schema by llguidance (backends/constraint.py) and sized to its time: a warm-up
+measures this machine's speed, and each answer's string bounds are shrunk only as far as the clock at the
+current load requires (backends/sizing.py). The request's deadline is the hard limit; its target sizes.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
+import math
 import os
 import random
 import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from backends.base import Backend, BackendBusy, BackendError, Generation, Health, ModelInfo, Request
-from backends.constrained import Sampler, decode
-from backends.grammar import SchemaNotSupported, schema_to_gbnf
-from backends.jsonwalk import JsonWalker, WalkError
+from backends import llama_lowlevel as ll
+from backends.base import Backend, BackendBusy, BackendError, DeadlineExceeded, Generation, Health, ModelInfo, Request
+from backends.batching import Engine, Job, Load
+from backends.constraint import Vocabulary
+from backends.sizing import Cost, fit_schema, shrink, worst_case
 from models import fit
 from models.catalog import load_profile
 from models.embedded import DISPLAY_NAME, EmbeddedModelMissing, embedded_model_path
 
 log = logging.getLogger(__name__)
 
-QUEUE_RESERVE_S = 8.0  # a queued request gives up waiting this long before its deadline
-KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 GET_A_MODEL = ("get one with `python scripts/download_model.py llama-3.1-8b` (or convert your own with "
                "scripts/convert_model.py), or leave model_path empty to use the embedded demo model")
+# What one request needs of the KV cache: its prompt, and the longest answer the miner must be able to
+# write at its floors (a 1000-character chapter with its title and choices) in the densest script.
+PROMPT_CELLS, LONGEST_FLOOR_CHARS = 1024, 1200
+DENSE_TEXT = "灯塔看守人每晚数着过往的船只，把它们的名字写进一本无人翻阅的账簿。"  # CJK: most tokens a character
+MAX_AUTO_PARALLEL = 8
+PLAN_MARGIN = 1.15  # estimates are running averages: plan for a little slower than measured
+TOKENS_PER_CHAR_CACHE = 64
+FUTURE_GRACE_S = 5.0
+MAX_TOKENS_MARGIN = 1.5  # the model may spend more tokens a character than the sample: a safety bound
+WARM_UP_TEXT = ("The lighthouse keeper counted the ships each night, writing their names in a ledger that "
+                "nobody read. " + DENSE_TEXT)
 
 
 def check_gguf(path: Path) -> None:
@@ -46,26 +58,41 @@ def check_gguf(path: Path) -> None:
 
 
 def default_threads() -> int:
-    """llama-cpp-python's default (half the CPUs) leaves one of a small machine's two cores idle."""
+    """llama.cpp's usual default (half the CPUs) leaves one of a small machine's two cores idle."""
     cpus = os.cpu_count() or 1
     return cpus if cpus <= 4 else cpus // 2
 
 
-def load_planned(path: Path, plan: fit.Plan, settings: Any) -> tuple[llama_cpp.Llama, fit.Plan]:
-    """Load with the plan; on a GPU out-of-memory, retry with fewer layers instead of crashing."""
+def cells_per_request(model: ll.Model) -> int:
+    """KV cells a request needs on this model, in whole kilotokens (3072-4096 for SmolLM2, 2048 for Llama-3)."""
+    dense = len(model.tokenize(DENSE_TEXT, add_special=False, parse_special=False)) / len(DENSE_TEXT)
+    return -(-(PROMPT_CELLS + int(LONGEST_FLOOR_CHARS * dense)) // 1024) * 1024
+
+
+def parallel_for(setting: int | str, n_ctx: int, cells: int) -> int:
+    if setting != "auto":
+        return int(setting)
+    return max(1, min(MAX_AUTO_PARALLEL, n_ctx // cells))
+
+
+def load_planned(path: Path, plan: fit.Plan, settings: Any) -> tuple[ll.Model, ll.Context, fit.Plan, int]:
+    """Load with the plan; when the GPU runs out of memory, retry with fewer layers instead of crashing."""
     while True:
+        model = None
         try:
-            llm = llama_cpp.Llama(
-                model_path=str(path), n_gpu_layers=plan.n_gpu_layers, n_ctx=plan.n_ctx,
-                flash_attn=plan.flash_attn, type_k=KV_TYPES[plan.kv_cache_type],
-                type_v=KV_TYPES[plan.kv_cache_type], n_threads=settings.n_threads or default_threads(),
-                n_batch=min(settings.n_batch, plan.n_ctx), verbose=False)
-            return llm, plan
-        except ValueError as e:
+            model = ll.Model(path, plan.n_gpu_layers)
+            parallel = parallel_for(settings.parallel, plan.n_ctx, cells_per_request(model))
+            ctx = ll.Context(model, n_ctx=plan.n_ctx, n_batch=min(settings.n_batch, plan.n_ctx), n_seq_max=parallel,
+                             flash_attn=plan.flash_attn, kv_cache_type=plan.kv_cache_type,
+                             n_threads=settings.n_threads or default_threads())
+            return model, ctx, plan, parallel
+        except ll.LlamaError as e:
+            if model is not None:
+                model.close()
             smaller = fit.fewer_layers(plan)
             if smaller is None:
-                raise BackendError(f"llama.cpp could not load {path} ({e}); the file may be corrupt or "
-                                   f"need a newer llama-cpp-python: re-download it, or {GET_A_MODEL}") from None
+                raise BackendError(f"{e}; the file may be corrupt or need a newer llama-cpp-python: "
+                                   f"re-download it, or {GET_A_MODEL}") from None
             log.warning("loading %s with %d GPU layers failed (%s); retrying with %d",
                         path.name, plan.n_gpu_layers, e, smaller.n_gpu_layers)
             plan = smaller
@@ -90,17 +117,32 @@ class LlamaCppBackend(Backend):
                         n_gpu_layers=settings.n_gpu_layers, n_ctx=settings.n_ctx,
                         kv_cache_type=settings.kv_cache_type, flash_attn=settings.flash_attn)
         started = time.monotonic()
-        self.llm, self.plan = load_planned(path, plan, settings)
-        meta = self.llm.metadata
-        self.model_name = display_name or meta.get("general.name") or path.stem
-        self.seed = settings.seed
-        self._lock = threading.Lock()
-        template = meta["tokenizer.chat_template"]
-        vocab = self.llm._model
-        self._bos = vocab.token_get_text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
-        eos = vocab.token_get_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
-        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=self._bos)
-        log.info("loaded %s in %.1f s\n%s", self.model_name, time.monotonic() - started, self.plan.table())
+        self.model, self.ctx, self.plan, self.parallel = load_planned(path, plan, settings)
+        self.engine: Engine | None = None
+        try:
+            self.model_name = display_name or self.model.meta("general.name") or path.stem
+            self.seed = settings.seed
+            bos, eos = (self.model.special_token(k) for k in ("bos", "eos"))
+            self._bos = self.model.piece(bos).decode(errors="replace") if bos >= 0 else ""
+            eos_text = self.model.piece(eos).decode(errors="replace") if eos >= 0 else ""
+            self._formatter = Jinja2ChatFormatter(template=self.model.chat_template() or "", eos_token=eos_text,
+                                                  bos_token=self._bos)
+            self._tokens_per_char: dict[str, float] = {}
+            self._tokens_per_char_lock = threading.Lock()
+            self.engine = Engine(self.model, self.ctx, Vocabulary(self.model), self.parallel)
+            warm_up = self.prompt_tokens([{"role": "user", "content": WARM_UP_TEXT * 3}])
+            self.engine.start(warm_up[:192])
+        except Exception as e:
+            if self.engine is not None:
+                self.engine.close()
+            self.ctx.close()
+            self.model.close()
+            if isinstance(e, ll.LlamaError):
+                raise BackendError(f"{path}: llama.cpp failed while warming up ({e}); check the llama_cpp "
+                                   f"settings (n_ctx, n_batch, parallel), or {GET_A_MODEL}") from None
+            raise
+        log.info("loaded %s in %.1f s; %d requests decode together; measured %s\n%s", self.model_name,
+                 time.monotonic() - started, self.parallel, self.engine.speed.snapshot(), self.plan.table())
 
     @classmethod
     def from_settings(cls, settings: Any) -> LlamaCppBackend:
@@ -115,82 +157,141 @@ class LlamaCppBackend(Backend):
 
     def info(self) -> ModelInfo:
         return ModelInfo(
-            mode="local", name=self.model_name, provider="llama.cpp", version=llama_cpp.__version__,
+            mode="local", name=self.model_name, provider="llama.cpp", version=ll.version(),
             parameters={"file": self.path.name, "n_gpu_layers": self.plan.n_gpu_layers, "n_ctx": self.plan.n_ctx,
-                        "kv_cache_type": self.plan.kv_cache_type, "flash_attn": self.plan.flash_attn})
+                        "kv_cache_type": self.plan.kv_cache_type, "flash_attn": self.plan.flash_attn,
+                        "parallel": self.parallel})
 
+    # --- text and tokens ----------------------------------------------------------------------------
     def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         prompt = self._formatter(messages=messages).prompt
         # Templates that write the BOS text themselves must not get a second one.
-        add_bos = not (self._bos and prompt.startswith(self._bos))
-        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+        add_bos = self.model.adds_bos() and not (self._bos and prompt.startswith(self._bos))
+        tokens = self.model.tokenize(prompt, add_special=False, parse_special=True)
+        return ([self.model.special_token("bos")] if add_bos else []) + tokens
 
-    def _prefill(self, tokens: list[int]) -> None:
-        """Evaluate the prompt, reusing the KV cache for the prefix it shares with the last one."""
-        cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
-        shared = 0
-        for a, b in zip(cached, tokens[:-1]):  # keep at least one token to evaluate for fresh logits
-            if a != b:
-                break
-            shared += 1
-        self.llm.n_tokens = shared
-        self.llm.eval(tokens[shared:])
+    def count_tokens(self, text: str) -> int:
+        return len(self.model.tokenize(text, add_special=False, parse_special=False))
 
+    def tokens_per_char(self, sample: str) -> float:
+        """Measured on this model's tokenizer: Chinese costs SmolLM2 1.8 tokens a character, Llama-3 0.8."""
+        sample = sample or WARM_UP_TEXT
+        with self._tokens_per_char_lock:  # requests arrive on many threads
+            if sample not in self._tokens_per_char:
+                if len(self._tokens_per_char) >= TOKENS_PER_CHAR_CACHE:  # samples may be requests' own text
+                    self._tokens_per_char.pop(next(iter(self._tokens_per_char)))
+                self._tokens_per_char[sample] = self.count_tokens(sample) / len(sample)
+            return self._tokens_per_char[sample]
+
+    # --- generating ---------------------------------------------------------------------------------
     def generate(self, request: Request) -> Generation:
-        # Wait our turn, but leave time to generate, or for a fallback backend to.
-        if not self._lock.acquire(timeout=max(request.seconds_left() - QUEUE_RESERVE_S, 0)):
-            raise BackendBusy(f"busy with earlier requests until {QUEUE_RESERVE_S:.0f} s before the deadline")
-        try:
-            return self._generate_locked(request)
-        finally:
-            self._lock.release()
+        if self.model.ptr is None:
+            raise BackendError(f"{self.name}: the model is closed")
+        started = time.monotonic()
+        tpc = self.tokens_per_char(request.language_sample)
+        prompt_estimate = len(self.prompt_tokens(request.messages))
+        floor = shrink(request.schema, 0.0) if request.schema and request.resize else request.schema
+        floor_cost = self._cost(floor, tpc) if floor else Cost(request.max_tokens, 0)
+        floor_s = tuple(self._seconds(floor_cost, prompt_estimate, n) for n in (1, self.parallel))
+        ticket = self.engine.submit(request.deadline, lambda load: self._prepare(request, tpc, load),
+                                    floor_s, request.priority)
+        try:  # the engine answers every ticket by its limit; the timeout only guards against a bug there
+            result = ticket.future.result(timeout=max(request.seconds_left(), 0.0) + FUTURE_GRACE_S)
+        except FutureTimeout:
+            raise DeadlineExceeded(f"{self.name}: no answer from the engine by the hard limit") from None
+        text = request.prefix + self.model.detokenize(result.tokens).decode("utf-8", errors="replace")
+        if request.schema and result.finish_reason == "length":
+            raise BackendError(f"the answer reached {len(result.tokens)} tokens before its JSON was complete "
+                               f"({result.note})")
+        seconds = time.monotonic() - started
+        log.debug("%s: %d prompt tokens (%d reused) + %d tokens (%d forced) in %.2f s after %.2f s queued; %s",
+                  self.name, result.prompt_tokens, result.reused_tokens, len(result.tokens), result.forced,
+                  seconds, result.queued_s, result.note)
+        return Generation(text=text, prompt_tokens=result.prompt_tokens, completion_tokens=len(result.tokens),
+                          seconds=seconds, backend=self.name, model=self.info(),
+                          finish_reason=result.finish_reason, schema=result.schema,
+                          cached_tokens=result.reused_tokens, forced_tokens=result.forced)
 
-    def _generate_locked(self, request: Request) -> Generation:
-        start = time.perf_counter()
-        tokens = self.prompt_tokens(request.messages)
-        if len(tokens) >= self.plan.n_ctx - 16:
-            raise BackendError(f"the prompt is {len(tokens)} tokens but n_ctx is {self.plan.n_ctx}; "
-                               f"raise backends.n_ctx or lower generation.max_context_chars")
-        try:
-            grammar = schema_to_gbnf(request.schema) if request.schema else None
-        except SchemaNotSupported as e:
-            raise BackendError(f"cannot constrain output to the schema: {e}") from None
-        walker = None
-        if request.schema:
-            with contextlib.suppress(WalkError):  # no walker: every token is sampled, still correct
-                walker = JsonWalker(request.schema)
+    def _cost(self, schema: dict[str, Any], tpc: float) -> Cost:
+        return worst_case(schema, tpc, self.count_tokens)
+
+    def _seconds(self, cost: Cost, prompt_tokens: int, sequences: int) -> float:
+        return self.engine.speed.seconds(cost, prompt_tokens, sequences) * PLAN_MARGIN
+
+    def _prepare(self, request: Request, tpc: float, load: Load) -> Job:
+        """At admission: size the answer for the load it will run under, then build its prompt and state."""
+        prefix = (self.model.tokenize(request.prefix, add_special=False, parse_special=False)
+                  if request.prefix else [])
+        schema, messages, cost, note = self._plan(request, tpc, load, len(prefix))
+        prompt = self.prompt_tokens(messages) + prefix
+        max_tokens = min(request.max_tokens, load.kv_room - len(prompt))
+        if cost is not None and cost.bounded:  # unbounded: only the hard limit ends it
+            max_tokens = min(max_tokens, math.ceil(cost.tokens * MAX_TOKENS_MARGIN) + 16)
+        if max_tokens < 1:
+            raise BackendError(f"the prompt is {len(prompt)} tokens and each request has {load.kv_room} tokens "
+                               f"of KV cache; raise n_ctx or set a lower parallel")
+        matcher = self.engine.vocab.matcher(schema) if schema is not None else None
+        if matcher is not None and prefix:
+            matcher.consume(prefix)
         seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**31)
-        sampler = Sampler(self.llm, grammar, temperature=request.temperature, top_p=request.top_p, seed=seed,
-                          repeat_penalty=request.repeat_penalty)
-        try:
-            self._prefill(tokens)
-            stats = decode(self.llm, sampler, request.max_tokens, request.deadline, walker)
-        finally:
-            sampler.close()
-        if grammar and stats.finish_reason == "length":
-            raise BackendError(f"the answer reached {len(stats.tokens)} tokens (max_tokens {request.max_tokens}, "
-                               f"n_ctx {self.plan.n_ctx}) before its JSON was complete")
-        text = self.llm.detokenize(stats.tokens).decode("utf-8", errors="replace")
-        seconds = time.perf_counter() - start
-        log.debug("%s: %d prompt + %d tokens (%d forced) in %.2f s, %d grammar rejections",
-                  self.name, len(tokens), len(stats.tokens), stats.forced, seconds, stats.rejected)
-        return Generation(text=text, prompt_tokens=len(tokens), completion_tokens=len(stats.tokens),
-                          seconds=seconds, backend=self.name, model=self.info(), finish_reason=stats.finish_reason)
+        sampler = ll.SamplerChain(self.model.n_vocab, temperature=request.temperature, top_p=request.top_p,
+                                  repeat_penalty=request.repeat_penalty, seed=seed)
+        return Job(prompt, sampler, matcher, max_tokens, schema=schema, note=note,
+                   worst=cost.tokens if cost is not None else math.inf,
+                   shape=tuple(schema.get("properties", ())) if schema is not None else ())
+
+    def _plan(self, request: Request, tpc: float, load: Load,
+              prefix_tokens: int) -> tuple[dict[str, Any] | None, list[dict[str, str]], Cost | None, str]:
+        """The schema and messages of this answer, sized for the load, with its worst case; BackendBusy
+        when even its smallest answer cannot be written before the hard limit."""
+        if request.schema is None:
+            return None, request.messages, None, "free text"
+        target_s, hard_s = request.target_time() - load.now, request.deadline - load.now
+        prompt_n = len(self.prompt_tokens(request.messages)) + prefix_tokens
+        room = load.kv_room - prompt_n
+        if request.resize is None or prefix_tokens:  # as asked; a retry continues under the schema it had
+            cost = self._cost(request.schema, tpc)
+            rest = Cost(max(cost.sampled - prefix_tokens, 0), cost.forced)
+            if cost.bounded and self._seconds(rest, prompt_n, load.sequences) > hard_s:
+                raise BackendBusy(f"busy: with {load.sequences} answers decoding, the answer cannot be written "
+                                  f"in the {hard_s:.0f} s left")
+            return request.schema, request.messages, cost, "fixed size"
+        floor = self._cost(shrink(request.schema, 0.0), tpc)
+        if floor.tokens > room:
+            raise BackendError(f"even the smallest answer needs {floor.tokens:.0f} tokens of KV cache beside its "
+                               f"{prompt_n}-token prompt, and each request has {load.kv_room}; raise n_ctx or set "
+                               f"a lower parallel")
+
+        def seconds_of(schema: dict[str, Any]) -> tuple[Cost, float]:
+            cost = self._cost(schema, tpc)
+            return cost, (self._seconds(cost, prompt_n, load.sequences) if cost.tokens <= room else math.inf)
+
+        sized = fit_schema(request.schema, seconds_of, target_s, hard_s)
+        if sized is None:
+            raise BackendBusy(f"busy: with {load.sequences} answers decoding, even the smallest answer needs more "
+                              f"than the {hard_s:.0f} s left")
+        note = (f"size {sized.scale:.2f} of full for {load.sequences} sequences, worst case "
+                f"{sized.cost.tokens:.0f} tokens in {sized.seconds:.1f} s"
+                + (" (past the target)" if sized.past_target else ""))
+        return sized.schema, request.resize(sized.schema), sized.cost, note
 
     def health(self) -> Health:
-        if not self._lock.acquire(blocking=False):
-            return Health(True, "busy serving a request")
+        where = f"{self.plan.n_gpu_layers} layers on GPU" if self.plan.n_gpu_layers else "CPU only"
+        if not self.engine.alive():
+            return Health(False, f"{self.model_name}: the llama.cpp engine has stopped (the log says why); "
+                                 f"restart the miner")
+        busy = self.engine.active() + self.engine.waiting()
+        if busy:
+            return Health(True, f"{self.model_name}: serving {busy} requests ({where})")
+        request = Request(messages=[{"role": "user", "content": "Say OK."}], max_tokens=2,
+                          deadline=time.monotonic() + 30, temperature=0.0)
         try:
-            request = Request(messages=[{"role": "user", "content": "Say OK."}], max_tokens=2,
-                              deadline=time.monotonic() + 30, temperature=0.0)
-            generation = self._generate_locked(request)
+            generation = self.generate(request)
         except BackendError as e:
             return Health(False, str(e))
-        finally:
-            self._lock.release()
-        where = f"{self.plan.n_gpu_layers} layers on GPU" if self.plan.n_gpu_layers else "CPU only"
         return Health(True, f"{self.model_name}: generated {generation.completion_tokens} tokens ({where})")
 
     def close(self) -> None:
-        with self._lock:  # never free the model under a running generation
-            self.llm.close()
+        self.engine.close()  # stops the decode loop first: never free the model under a running step
+        self.ctx.close()
+        self.model.close()

@@ -5,11 +5,12 @@ names the key, e.g. `backends.0.n_ctx: Input should be greater than or equal to 
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(Exception):
@@ -40,7 +41,10 @@ class LlamaCppSettings(_BackendBase):
     vram_gb: float | None = Field(None, gt=0, description="VRAM budget for planning; default: what the GPU reports free.")
     n_threads: int | None = Field(
         None, ge=1, le=512, description="CPU threads; default: every core up to 4, half of them beyond (hyperthreads).")
-    n_batch: int = Field(512, ge=32, le=8192, description="Prompt tokens evaluated per batch.")
+    n_batch: int = Field(512, ge=32, le=8192, description="Most tokens evaluated in one step, all sequences together.")
+    parallel: int | Literal["auto"] = Field(
+        "auto", description="Requests decoded together, each with n_ctx / parallel tokens of KV cache; auto: as "
+        "many as the context holds the longest answer for (2048 tokens each for Llama-3, 4096 for SmolLM2), up to 8.")
     seed: int | None = Field(None, ge=0, description="Sampling seed; default: fresh for every request.")
 
     @field_validator("n_gpu_layers")
@@ -50,18 +54,22 @@ class LlamaCppSettings(_BackendBase):
             raise ValueError("must be -1 (all), 0 (none), a positive layer count, or auto")
         return v
 
-    @field_validator("n_ctx")
+    @field_validator("n_ctx", "parallel")
     @classmethod
-    def _ctx(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 512 <= v <= 131072:
-            raise ValueError("must be between 512 and 131072, or auto")
+    def _in_range(cls, v: int | str, info: ValidationInfo) -> int | str:
+        lo, hi = {"n_ctx": (512, 131072), "parallel": (1, 64)}[info.field_name]
+        if isinstance(v, int) and not lo <= v <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, or auto")
         return v
 
     @model_validator(mode="after")
-    def _quantized_cache_needs_flash_attention(self) -> LlamaCppSettings:
+    def _consistent(self) -> LlamaCppSettings:
         if self.kv_cache_type == "q8_0" and self.flash_attn is False:
             raise ValueError("kv_cache_type q8_0 needs flash_attn (llama.cpp quantizes the V cache only with "
                              "it): set flash_attn: true or auto, or kv_cache_type: f16")
+        if isinstance(self.parallel, int) and self.parallel > self.n_batch:
+            raise ValueError(f"parallel ({self.parallel}) must not exceed n_batch ({self.n_batch}): every "
+                             f"decoding request needs a token of each step's batch")
         return self
 
 
@@ -130,7 +138,12 @@ class OfflineSettings(_Strict):
 
 
 class GenerationSettings(_Strict):
-    deadline_s: float = Field(25.0, ge=5, le=55, description="Time budget per request; validators wait 60 s, score full marks <= 30 s.")
+    target_s: float = Field(
+        25.0, ge=5, le=55, description="Answers are sized to arrive within this (validators give full time marks "
+        "up to 30 s); a target, never a reason to abort an answer that can still arrive in time.")
+    response_margin_s: float = Field(
+        5.0, ge=0.5, le=30, description="The hard limit is the request's own timeout (validators: 60 s) minus "
+        "this, kept for the answer's trip back; an answer not done by then is aborted.")
     language: str = Field("auto", description="auto answers in the request's language; or a language name, e.g. English.")
     temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
@@ -138,6 +151,18 @@ class GenerationSettings(_Strict):
     max_input_chars: int = Field(2000, ge=10, le=100_000, description="Longest user_input accepted.")
     max_context_chars: int = Field(30_000, ge=1000, le=1_000_000, description="Largest blueprint/characters/story_arc JSON accepted.")
     max_chapters: int = Field(3, ge=1, le=12, description="Most chapter ids answered in one request.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_deadline(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "deadline_s" in data:
+            if "target_s" in data:
+                raise ValueError("deadline_s is the old name of target_s: keep only target_s")
+            data = {**data, "target_s": data["deadline_s"]}
+            del data["deadline_s"]
+            warnings.warn("generation.deadline_s is now generation.target_s (it sizes answers and no longer "
+                          "aborts them): rename it in your config", DeprecationWarning, stacklevel=2)
+        return data
 
 
 class ChainSettings(_Strict):

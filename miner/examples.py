@@ -2,6 +2,7 @@
 for `generate` without --context and for tests. It is input to the model, never an answer."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from miner.tasks.story_arc import progress
@@ -54,3 +55,29 @@ def example_fields(task_type: str, user_input: str = USER_INPUT) -> dict[str, An
     """Request fields for task_type with the example context filled in."""
     return {"task_type": task_type, "user_input": user_input, "blueprint": BLUEPRINT,
             "characters": CHARACTERS, "story_arc": STORY_ARC, "chapter_ids": CHAPTER_IDS}
+
+
+# The subnet's validators, as they query today (../shared/spec/protocol.md): one of eight Chinese prompts,
+# a task drawn 40/25/25/10, and the same small fixed mock context every time.
+VALIDATOR_PROMPTS = ("一个关于赛博朋克黑客的故事", "一个关于太空探险的故事", "一个古代武侠传奇故事",
+                     "一个末日生存的故事", "一个都市悬疑推理故事", "一个奇幻魔法世界的故事", "一个时间旅行的故事",
+                     "一个AI觉醒的故事")
+VALIDATOR_TASK_WEIGHTS = {"blueprint": 40, "characters": 25, "story_arc": 25, "chapters": 10}
+_VALIDATOR_BLUEPRINT = {"title": "测试故事", "genre": "科幻", "setting": "未来世界", "core_conflict": "人与AI的冲突",
+                        "themes": ["科技", "伦理"], "tone": "紧张", "target_audience": "成人"}
+_VALIDATOR_CAST = {"characters": [
+    {"id": "protagonist", "name": "主角", "archetype": "英雄"}, {"id": "ally", "name": "盟友", "archetype": "助手"},
+    {"id": "rival", "name": "对手", "archetype": "反派"}, {"id": "mentor", "name": "导师", "archetype": "智者"},
+    {"id": "wildcard", "name": "变数", "archetype": "神秘人"}]}
+_VALIDATOR_CONTEXT = {
+    "blueprint": {},
+    "characters": {"blueprint": _VALIDATOR_BLUEPRINT},
+    "story_arc": {"blueprint": _VALIDATOR_BLUEPRINT, "characters": _VALIDATOR_CAST},
+    "chapters": {"blueprint": {"title": "测试故事"}, "characters": {"characters": []},
+                 "story_arc": {"title": "测试故事", "chapters": [{"id": i} for i in range(1, 13)]}, "chapter_ids": [1]},
+}
+
+
+def validator_fields(task_type: str, user_input: str) -> dict[str, Any]:
+    """Request fields exactly as the validators send them (a fresh copy: callers may change it)."""
+    return copy.deepcopy({"task_type": task_type, "user_input": user_input, **_VALIDATOR_CONTEXT[task_type]})

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 AXON_START_TIMEOUT_S = 10.0
-RESPONSE_MARGIN_S = 5.0  # keep this much of the validator's timeout for the trip back
+# Requests beyond what the backends decode together wait in their queues, where one that cannot be served
+# in time is refused at once; these threads only wait on them.
+FORWARD_THREADS = 32
 
 
 class StartupError(Exception):
@@ -83,22 +85,24 @@ class Miner:
         self.subtensor = None
         self.metagraph = None
         self.axon: bt.Axon | None = None
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="generate")
+        self._executor = ThreadPoolExecutor(max_workers=FORWARD_THREADS, thread_name_prefix="forward")
         self._stop = threading.Event()
         self.health: HealthMonitor | None = None
 
     # --- the three functions the Axon calls -------------------------------------------------------
     async def forward(self, synapse: StoryGenerationSynapse) -> StoryGenerationSynapse:
+        arrived = time.monotonic()  # the clock runs while the request waits for a worker thread too
         fields = {name: getattr(synapse, name) for name in
                   ("task_type", "user_input", "blueprint", "characters", "story_arc", "chapter_ids")}
-        timeout = max(float(synapse.timeout or 60.0) - RESPONSE_MARGIN_S, 1.0)
+        caller = synapse.dendrite.hotkey if synapse.dendrite else None
+        known = self.callers.get(caller) if caller else None
         loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(self._executor, self.service.answer, fields, timeout)
+        answer = await loop.run_in_executor(self._executor, self.service.answer, fields, synapse.timeout,
+                                            known.stake if known else 0.0, arrived)
         synapse.output_data = answer.output
         synapse.generation_time = round(answer.seconds, 3)
         synapse.miner_version = __version__
         synapse.model_info = answer.model_info or unknown_model_info()
-        caller = synapse.dendrite.hotkey if synapse.dendrite else None
         log.info("%s for %s: %s in %.2f s", fields["task_type"] or "?", caller,
                  "ok" if answer.ok else answer.output["error"], answer.seconds)
         return synapse

@@ -12,10 +12,12 @@ from backends.base import BackendError, Generation, Request
 from backends.chain import Chain
 from miner.config import GenerationSettings
 from miner.tasks import TASKS, Context, TaskInputError, TaskSpec, parse_json_object
+from miner.tasks.common import language_sample
 
 log = logging.getLogger(__name__)
 
 MAX_CHAPTER_ID = 100
+VALIDATOR_TIMEOUT_S = 60.0  # what validators give a request; also the default outside the Axon
 
 
 @dataclass
@@ -92,20 +94,28 @@ class StoryService:
             raise TaskInputError(f"task {task_type} needs {', '.join(missing)}; the request has none")
         return spec, ctx
 
-    def request_for(self, spec: TaskSpec, ctx: Context, deadline: float) -> Request:
+    def request_for(self, spec: TaskSpec, ctx: Context, deadline: float, target: float,
+                    priority: float = 0.0) -> Request:
+        language = self.settings.language
+        schema = spec.schema(ctx)
         return Request(
-            messages=spec.messages(ctx, self.settings.language), schema=spec.schema(ctx),
-            max_tokens=spec.max_tokens(ctx), deadline=deadline,
+            messages=spec.messages(ctx, language, schema), schema=schema, max_tokens=spec.max_tokens(ctx),
+            deadline=deadline, target=target, resize=lambda sized: spec.messages(ctx, language, sized),
+            language_sample=language_sample(ctx.user_input, language), priority=priority,
             temperature=self.settings.temperature, top_p=self.settings.top_p,
             repeat_penalty=self.settings.repeat_penalty)
 
-    def answer(self, fields: dict[str, Any], timeout_s: float | None = None) -> Answer:
-        """Blocking. Never raises for bad input or failed backends: the output then carries `error`."""
-        start = time.monotonic()
-        budget = self.settings.deadline_s if timeout_s is None else min(self.settings.deadline_s, timeout_s)
+    def answer(self, fields: dict[str, Any], timeout_s: float | None = None, priority: float = 0.0,
+               arrived: float | None = None) -> Answer:
+        """Blocking. Never raises for bad input or failed backends: the output then carries `error`.
+        timeout_s is the caller's own timeout (validators: 60 s), counted from `arrived` (time.monotonic()
+        when the request came in; default now): the answer is aborted response_margin_s before it, and
+        sized to arrive within target_s."""
+        start = time.monotonic() if arrived is None else arrived
+        hard = max((timeout_s or VALIDATOR_TIMEOUT_S) - self.settings.response_margin_s, 1.0)
         try:
             spec, ctx = self.prepare(fields)
-            request = self.request_for(spec, ctx, start + budget)
+            request = self.request_for(spec, ctx, start + hard, start + min(self.settings.target_s, hard), priority)
             output, generation = self.chain.generate(
                 request, lambda g: spec.check(parse_json_object(g.text), ctx))
         except (TaskInputError, BackendError) as e:

@@ -1,20 +1,25 @@
-"""Speed and memory of the miner's llama.cpp path, against raw llama.cpp on the same model, same run.
+"""Speed of the miner's llama.cpp path against raw llama.cpp on the same model, in the same run.
 
-For each task: the miner's backend (lazy grammar check, schema-forced text evaluated in batches), raw
-llama-cpp-python free text of the same length (no constraint: the usual ceiling), and raw
-llama-cpp-python with the task's grammar applied to the whole vocabulary every step (what
-`grammar=`/`response_format` do). Same sampling settings; each run starts from an empty KV cache.
-tok/s counts every token written, prompt time included: it is what a validator's clock sees.
+1. Per task, one answer at a time: the miner's backend (llguidance holding every token to the task's schema,
+   schema-forced text evaluated in batches) against raw llama-cpp-python writing free text of the same
+   length (no constraint: the usual ceiling). Same prompt and sampling; every run starts from an empty KV
+   cache; tok/s counts every token written, prompt time included: what a validator's clock sees.
+   (llama-cpp-python's own JSON-schema grammar is not a row: it cannot compile these schemas' long
+   strings, facts.md.) Raw llama.cpp runs in a process of its own: llama.cpp's OpenMP workers slow
+   down a second thread that decodes in the same process (docs/measurements.md).
+2. Batching: the same requests (a validators' Chinese request, full size) with 1, 2 and 4 decoding at
+   once; total completion tokens a second against 1 at a time. Beside them, the ceiling on this machine:
+   a bare low-level loop decoding 1, 2 and 4 sequences of free text, one llama_decode a step.
 Data on stdout (a table, or --json), progress on stderr.
 
-    python scripts/bench.py [--model FILE] [--n-gpu-layers N] [--tasks blueprint,chapters] [--repeat 2]
+    python scripts/bench.py [--model FILE] [--vram-gb 6] [--tasks blueprint,chapters] [--repeat 2]
 """
 from __future__ import annotations
 
 import contextlib
 
 with contextlib.suppress(ImportError):
-    import llama_cpp  # before numpy: the other order made CUDA model loading segfault (docs/measurements.md)
+    import llama_cpp  # before numpy: the other order made CUDA model loading segfault (facts.md)
 
 import argparse
 import json
@@ -24,19 +29,23 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from backends import llama_lowlevel as ll  # noqa: E402
 from backends.base import Request  # noqa: E402
-from backends.grammar import schema_to_gbnf  # noqa: E402
-from backends.llama_cpp import LlamaCppBackend  # noqa: E402
+from backends.llama_cpp import LlamaCppBackend, default_threads  # noqa: E402
 from miner import examples  # noqa: E402
 from miner.config import LlamaCppSettings  # noqa: E402
 from miner.tasks import TASKS, ContractError, Context, parse_json_object  # noqa: E402
+from miner.tasks.common import language_sample  # noqa: E402
 
 log = logging.getLogger("bench")
+CONCURRENCY = (1, 2, 4)
 
 
 def gpu_used_mib() -> int | None:
@@ -55,57 +64,151 @@ def valid(task: str, text: str, ctx: Context) -> bool:
     return True
 
 
-def raw_run(backend: LlamaCppBackend, messages, max_tokens: int, grammar: str | None, seed: int) -> tuple[str, int, float]:
-    llm = backend.llm
-    llm.reset()
-    kwargs = {"grammar": llama_cpp.LlamaGrammar.from_string(grammar, verbose=False)} if grammar else {}
-    started = time.perf_counter()
-    out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.8, top_p=0.95,
-                                     top_k=40, repeat_penalty=1.1, seed=seed, **kwargs)
-    return out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"], time.perf_counter() - started
+def context_of(fields: dict) -> Context:
+    return Context(**{k: fields.get(k) for k in ("user_input", "blueprint", "characters", "story_arc", "chapter_ids")})
 
 
-def miner_run(backend: LlamaCppBackend, messages, max_tokens: int, schema, seed: int) -> tuple[str, int, float]:
-    backend.llm.reset()
+def full_size_request(fields: dict) -> Request:
+    """The task's request at full size: no resizing, so every run is asked for the same answer."""
+    spec, ctx = TASKS[fields["task_type"]], context_of(fields)
+    schema = spec.schema(ctx)
+    return Request(messages=spec.messages(ctx, "auto", schema), max_tokens=spec.max_tokens(ctx),
+                   deadline=time.monotonic() + 3600, schema=schema,
+                   language_sample=language_sample(ctx.user_input, "auto"))
+
+
+def miner_run(backend: LlamaCppBackend, fields: dict, seed: int) -> tuple[str, int, float]:
+    backend.engine.forget_cached()
     backend.seed = seed
-    g = backend.generate(Request(messages=messages, max_tokens=max_tokens, deadline=time.monotonic() + 600,
-                                 schema=schema))
+    g = backend.generate(full_size_request(fields))
     return g.text, g.completion_tokens, g.seconds
 
 
-def bench_task(backend: LlamaCppBackend, task: str, repeat: int) -> list[dict]:
-    fields = examples.example_fields(task)
-    ctx = Context(**{k: fields[k] for k in ("user_input", "blueprint", "characters", "story_arc", "chapter_ids")})
-    spec = TASKS[task]
-    messages, schema, budget = spec.messages(ctx), spec.schema(ctx), spec.max_tokens(ctx)
-    grammar = schema_to_gbnf(schema)
-    prompt = len(backend.prompt_tokens(messages))
-    lengths: dict[int, int] = {}  # seed -> tokens the miner wrote: raw free text writes as many
+def raw_run(llm, messages, max_tokens: int, seed: int) -> tuple[str, int, float]:
+    llm.reset()
+    started = time.perf_counter()
+    out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.8, top_p=0.95,
+                                     top_k=40, repeat_penalty=1.1, seed=seed)
+    return out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"], time.perf_counter() - started
 
-    def miner(seed: int):
-        text, n, s = miner_run(backend, messages, budget, schema, seed)
-        lengths[seed] = n
-        return text, n, s
 
-    paths = [("miner (lazy grammar + forced batches)", miner),
-             ("raw llama.cpp, free text, same length", lambda s: raw_run(backend, messages, lengths[s], None, s)),
-             ("raw llama.cpp, grammar every step", lambda s: raw_run(backend, messages, budget, grammar, s))]
+def row(task: str, path: str, prompt: int, runs: list[tuple[str, int, float]], ctx: Context) -> dict:
+    return {"task": task, "path": path, "prompt_tokens": prompt,
+            "tokens": statistics.median(n for _, n, _ in runs), "seconds": statistics.median(s for _, _, s in runs),
+            "tok_per_s": statistics.median(n / s for _, n, s in runs),
+            "valid": f"{sum(valid(task, t, ctx) for t, _, _ in runs)}/{len(runs)}"}
+
+
+def raw_worker(jobs_file: Path) -> int:
+    """Raw llama.cpp, in this process of its own: the job file says what, results go to stdout."""
+    jobs = json.loads(jobs_file.read_text())
+    load = jobs["load"]
+    kv = llama_cpp.GGML_TYPE_Q8_0 if load.pop("kv_cache_type") == "q8_0" else None
+    llm = llama_cpp.Llama(**load, type_k=kv, type_v=kv, verbose=False)
+    try:
+        runs = [raw_run(llm, run["messages"], run["max_tokens"], run["seed"]) for run in jobs["runs"]]
+    finally:
+        llm.close()
+    steps = jobs["bare_steps"]
+    bare = bare_loop(load["model_path"], load["n_gpu_layers"], load["n_threads"], steps) if steps else []
+    json.dump({"runs": runs, "bare": bare}, sys.stdout)
+    return 0
+
+
+def raw_llama_cpp(backend: LlamaCppBackend, n_threads: int, runs: list[dict], bare_steps: int) -> dict:
+    plan = backend.plan  # the miner's own plan: the same layers, context and cache type
+    load = {"model_path": str(backend.path), "n_gpu_layers": plan.n_gpu_layers, "n_ctx": plan.n_ctx,
+            "flash_attn": plan.flash_attn, "n_threads": n_threads, "kv_cache_type": plan.kv_cache_type}
+    log.info("raw llama.cpp: %d runs and the bare loop, in a process of its own", len(runs))
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump({"load": load, "runs": runs, "bare_steps": bare_steps}, f)
+        f.flush()
+        out = subprocess.run([sys.executable, __file__, "--raw-jobs", f.name], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"the raw llama.cpp runs failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout)
+
+
+def bench_tasks(backend: LlamaCppBackend, tasks: list[str], repeat: int) -> tuple[dict, list[dict]]:
+    """The miner's runs of each task with its prompt's length, and the raw runs to match them (same prompt,
+    seed and length)."""
+    mine, runs = {}, []
+    for task in tasks:
+        messages = full_size_request(examples.example_fields(task)).messages
+        log.info("%s: the miner, %d runs", task, repeat)
+        mine[task] = ([miner_run(backend, examples.example_fields(task), seed) for seed in range(repeat)],
+                      len(backend.prompt_tokens(messages)))
+        runs += [{"task": task, "messages": messages, "max_tokens": n, "seed": seed}
+                 for seed, (_, n, _) in enumerate(mine[task][0])]
+    return mine, runs
+
+
+def task_rows(mine: dict, runs: list[dict], raw: list) -> list[dict]:
     rows = []
-    for name, run in paths:
-        speeds, seconds, tokens, ok = [], [], [], 0
-        for seed in range(repeat):
-            log.info("%s: %s, run %d", task, name, seed + 1)
-            text, n, s = run(seed)
-            speeds.append(n / s)
-            seconds.append(s)
-            tokens.append(n)
-            ok += valid(task, text, ctx)
-        rows.append({"task": task, "path": name, "prompt_tokens": prompt, "tokens": statistics.median(tokens),
-                     "seconds": statistics.median(seconds), "tok_per_s": statistics.median(speeds),
-                     "valid": f"{ok}/{repeat}"})
-    base = rows[1]["tok_per_s"]
-    for row in rows:
-        row["vs_raw_free"] = row["tok_per_s"] / base if base else 0.0
+    for task, (ours, prompt) in mine.items():
+        ctx = context_of(examples.example_fields(task))
+        theirs = [r for r, run in zip(raw, runs) if run["task"] == task]
+        rows += [row(task, "miner (llguidance + forced batches)", prompt, ours, ctx),
+                 row(task, "raw llama.cpp, free text, same length", prompt, theirs, ctx)]
+        base = rows[-1]["tok_per_s"]
+        for r in rows[-2:]:
+            r["vs_raw_free"] = r["tok_per_s"] / base if base else 0.0
+    return rows
+
+
+def bench_batching(backend: LlamaCppBackend, task: str, requests: int) -> list[dict]:
+    fields = [examples.validator_fields(task, examples.VALIDATOR_PROMPTS[i % 8]) for i in range(requests)]
+    rows = []
+    for at_once in CONCURRENCY:
+        if at_once > backend.parallel:
+            log.warning("skipping %d at once: the backend decodes at most %d together", at_once, backend.parallel)
+            continue
+        backend.engine.forget_cached()
+        log.info("batching: %d %s requests, %d at once", requests, task, at_once)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(at_once) as pool:
+            done = list(pool.map(lambda f: backend.generate(full_size_request(f)), fields))
+        seconds = time.perf_counter() - started
+        tokens = sum(g.completion_tokens for g in done)
+        ok = sum(valid(task, g.text, context_of(f)) for g, f in zip(done, fields))
+        rows.append({"path": f"miner, {requests} {task} requests", "at_once": at_once, "tokens": tokens,
+                     "seconds": seconds, "tok_per_s": tokens / seconds, "valid": f"{ok}/{requests}"})
+    return with_ratios(rows)
+
+
+def bare_loop(model_path: str, n_gpu_layers: int, n_threads: int, steps: int) -> list[dict]:
+    """The ceiling: a bare low-level loop, one llama_decode a step for all sequences, free sampling."""
+    model = ll.Model(Path(model_path), n_gpu_layers)
+    start = model.tokenize("Once upon a time, in a quiet harbour town,", add_special=False, parse_special=False)
+    rows = []
+    for n in CONCURRENCY:
+        ctx = ll.Context(model, n_ctx=max(CONCURRENCY) * 1024, n_batch=512, n_seq_max=max(CONCURRENCY),
+                         flash_attn=False, kv_cache_type="f16", n_threads=n_threads)
+        batch = ll.Batch(512)
+        chains = [ll.SamplerChain(model.n_vocab, temperature=0.8, top_p=0.95, repeat_penalty=1.0, seed=s)
+                  for s in range(n)]
+        rows_of = [batch.add(start, s, 0, logits_last=True) for s in range(n)]
+        ctx.decode(batch)
+        started = time.perf_counter()
+        for step in range(steps):
+            tokens = [chain.sample(ctx, row) for chain, row in zip(chains, rows_of)]
+            batch.clear()
+            rows_of = [batch.add([t], s, len(start) + step, logits_last=True) for s, t in enumerate(tokens)]
+            ctx.decode(batch)
+        seconds = time.perf_counter() - started
+        rows.append({"path": f"bare llama.cpp loop, {steps} steps", "at_once": n, "tokens": n * steps,
+                     "seconds": seconds, "tok_per_s": n * steps / seconds, "valid": "-"})
+        for chain in chains:
+            chain.close()
+        batch.close()
+        ctx.close()
+    model.close()
+    return with_ratios(rows)
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        r["vs_one_at_a_time"] = r["tok_per_s"] / rows[0]["tok_per_s"]
     return rows
 
 
@@ -113,20 +216,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="GGUF file (default: the embedded demo model)")
     parser.add_argument("--n-gpu-layers", default="auto", help="auto, -1, or a count")
-    parser.add_argument("--n-ctx", default="auto")
+    parser.add_argument("--vram-gb", type=float, help="plan offload for this much VRAM (default: what is free)")
+    parser.add_argument("--n-ctx", default=str(4096 * max(CONCURRENCY)),
+                        help="KV cache tokens, shared by the 4 sequences (default: 4096 each)")
     parser.add_argument("--n-threads", type=int)
-    parser.add_argument("--tasks", default=",".join(TASKS), type=lambda v: v.split(","),
-                        help=f"comma-separated, from {', '.join(TASKS)}")
+    parser.add_argument("--tasks", default=",".join(TASKS), type=lambda v: [t for t in v.split(",") if t],
+                        help=f"comma-separated, from {', '.join(TASKS)}; empty: none")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--batch-task", default="blueprint", choices=list(TASKS),
+                        help="the validators' request the batching rows send (default: blueprint)")
+    parser.add_argument("--batch-requests", type=int, default=12, help="requests per batching row; 0 skips them")
+    parser.add_argument("--bare-steps", type=int, default=200, help="steps of the bare loop's rows; 0 skips them")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--raw-jobs", type=Path, help=argparse.SUPPRESS)  # the raw runs' own process
     args = parser.parse_args(argv)
+    if args.raw_jobs:
+        return raw_worker(args.raw_jobs)
     if unknown := set(args.tasks) - set(TASKS):
         parser.error(f"unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(TASKS)}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 
     as_int = lambda v: v if v == "auto" else int(v)  # noqa: E731
     settings = LlamaCppSettings(type="llama_cpp", name="bench", model_path=args.model, n_threads=args.n_threads,
-                                n_gpu_layers=as_int(args.n_gpu_layers), n_ctx=as_int(args.n_ctx))
+                                n_gpu_layers=as_int(args.n_gpu_layers), n_ctx=as_int(args.n_ctx),
+                                vram_gb=args.vram_gb, parallel=max(CONCURRENCY))
     gpu_before = gpu_used_mib()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
@@ -137,18 +250,32 @@ def main(argv: list[str] | None = None) -> int:
     header = {"model": info.name, **info.parameters, "load_seconds": round(load_s, 2),
               "rss_added_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) // 1024,
               "vram_added_mib": gpu_after - gpu_before if gpu_after is not None else None,
-              "n_threads": backend.llm.n_threads}
-    rows = [row for task in args.tasks for row in bench_task(backend, task, args.repeat)]
+              "n_threads": settings.n_threads or default_threads(), "measured": backend.engine.speed.snapshot()}
+    mine, runs = bench_tasks(backend, args.tasks, args.repeat)
+    batch_rows = bench_batching(backend, args.batch_task, args.batch_requests) if args.batch_requests else []
     backend.close()
+    raw = raw_llama_cpp(backend, header["n_threads"], runs, args.bare_steps if batch_rows else 0)
+    rows = task_rows(mine, runs, [tuple(r) for r in raw["runs"]])
+    batch_rows += raw["bare"]
     if args.json:
-        json.dump({"setup": header, "runs": rows}, sys.stdout, indent=2)
+        json.dump({"setup": header, "tasks": rows, "batching": batch_rows}, sys.stdout, indent=2)
         print()
         return 0
     print("  ".join(f"{k}={v}" for k, v in header.items()))
-    print(f"{'task':<11}{'path':<40}{'prompt':>7}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'vs raw free':>13}{'valid':>7}")
-    for r in rows:
-        print(f"{r['task']:<11}{r['path']:<40}{r['prompt_tokens']:>7}{r['tokens']:>8.0f}{r['seconds']:>9.2f}"
-              f"{r['tok_per_s']:>8.1f}{r['vs_raw_free']:>12.2f}x{r['valid']:>7}")
+    if rows:
+        print(f"{'task':<11}{'path':<40}{'prompt':>7}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'vs raw free':>13}"
+              f"{'valid':>7}")
+        for r in rows:
+            print(f"{r['task']:<11}{r['path']:<40}{r['prompt_tokens']:>7}{r['tokens']:>8.0f}{r['seconds']:>9.2f}"
+                  f"{r['tok_per_s']:>8.1f}{r['vs_raw_free']:>12.2f}x{r['valid']:>7}")
+    if batch_rows:
+        print(f"\nbatching: total tokens a second with 1, 2 and 4 decoding at once ({args.batch_task}: the "
+              f"validators' Chinese request, full size)")
+        print(f"{'path':<40}{'at once':>8}{'tokens':>8}{'seconds':>9}{'total tok/s':>13}{'vs 1 at a time':>16}"
+              f"{'valid':>7}")
+        for r in batch_rows:
+            print(f"{r['path']:<40}{r['at_once']:>8}{r['tokens']:>8}{r['seconds']:>9.2f}{r['tok_per_s']:>13.1f}"
+                  f"{r['vs_one_at_a_time']:>15.2f}x{r['valid']:>7}")
     return 0
 
 

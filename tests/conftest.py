@@ -16,6 +16,6 @@ from miner.config import LlamaCppSettings
 def embedded_backend():
     """The embedded demo model, loaded once for the whole run (a real llama.cpp model, 98 MB)."""
     from backends.llama_cpp import LlamaCppBackend
-    backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="local", n_ctx=4096))
+    backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="local", n_ctx=8192))
     yield backend
     backend.close()

@@ -27,8 +27,8 @@ def served(embedded_backend, tmp_path_factory):
     """An offline miner allowlisting one validator wallet; yields (miner, validator dendrite, stranger dendrite)."""
     wallets = str(tmp_path_factory.mktemp("wallets"))
     validator, stranger = make_wallet(wallets, "validator"), make_wallet(wallets, "stranger")
-    # The longest deadline the config allows: CPU time here is shared, and speed is bench.py's business.
-    config = Config(generation=GenerationSettings(deadline_s=55))
+    # The longest target the config allows: CPU time here is shared, and speed is bench.py's business.
+    config = Config(generation=GenerationSettings(target_s=55))
     service = StoryService(Chain([BackendState(embedded_backend, "local")]), config.generation)
     with no_public_ip_lookup():
         miner = start_offline_miner(config, service, wallets, [validator.hotkey.ss58_address])

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+import backends
 from backends.base import Backend, BackendError, Generation, Health, ModelInfo, Request
 from backends.chain import AllBackendsFailed, BackendState, Chain
+from backends.sizing import shrink
 from backends.openai_api import OpenAIBackend
 from miner import examples
 from miner.config import ChainSettings, CustomSettings, GenerationSettings, OpenAISettings
@@ -152,8 +154,8 @@ def writer(tmp_path) -> CustomSettings:
     return CustomSettings(type="custom", name="writer", command=[str(path)])
 
 
-def service(*backends, deadline_s: float = 25.0) -> StoryService:
-    return StoryService(Chain.from_config(backends, ChainSettings()), GenerationSettings(deadline_s=deadline_s))
+def service(*backends) -> StoryService:
+    return StoryService(Chain.from_config(backends, ChainSettings()), GenerationSettings())
 
 
 def cloud(api: ScriptedHTTP, **kw) -> OpenAISettings:
@@ -173,7 +175,7 @@ def test_a_stalled_api_gives_way_to_the_next_backend(api, writer):
 def test_an_api_stalled_past_the_deadline_leaves_a_clear_error_not_a_placeholder(api, writer):
     api.replies.append(("stall", 8))
     svc = service(cloud(api, timeout_s=20, max_retries=0), writer)
-    answer = svc.answer(examples.example_fields("blueprint"), timeout_s=3)
+    answer = svc.answer(examples.example_fields("blueprint"), timeout_s=8)  # 3 s after the response margin
     assert list(answer.output) == ["error"] and answer.model_info is None
     assert "cloud:" in answer.output["error"] and "writer: skipped: the deadline had passed" in answer.output["error"]
 
@@ -187,12 +189,54 @@ def test_an_api_answering_500_is_retried_within_bounds_then_passed_over(api, wri
     assert "upstream exploded" in svc.chain.states[0].last_error
 
 
-def test_json_that_breaks_the_contract_moves_on(api, writer):
-    api.replies.append((200, completion(json.dumps({"title": "Too thin", "genre": "x"}))))
+def test_json_that_breaks_the_contract_is_tried_once_more_then_moves_on(api, writer):
+    api.replies.extend([(200, completion(json.dumps({"title": "Too thin", "genre": "x"})))] * 2)
     svc = service(cloud(api), writer)
     answer = svc.answer(examples.example_fields("blueprint"))
     assert answer.ok and answer.output["model_info"]["mode"] == "custom"
+    assert len(api.requests) == 2
     assert "setting" in svc.chain.states[0].last_error  # the contract check named what was missing
+
+
+def test_a_rejected_answer_is_retried_once_on_the_same_backend():
+    broken = json.dumps({**BLUEPRINT, "setting": "too short"})
+    primary = FakeBackend("primary").enqueue(broken, json.dumps(BLUEPRINT))
+    svc = StoryService(chain_of(primary), GenerationSettings())
+    answer = svc.answer(examples.example_fields("blueprint"))
+    assert answer.ok and answer.output["title"] == BLUEPRINT["title"]
+    assert len(primary.history) == 2 and primary.history[1].prefix == ""  # no part worth keeping: all again
+
+
+def test_a_retry_keeps_what_was_right_where_the_backend_sized_the_answer():
+    chapter = {"id": 1, "title": "The Signal", "content": "The relay spoke at midnight. " * 40,
+               "choices": [{"id": "A", "text": "Answer it", "consequences": {"outcome": "The station wakes up."}},
+                           {"id": "B", "text": "Stay silent", "consequences": {"outcome": "The station wakes up."}}]}
+    fixed = {**chapter, "choices": [chapter["choices"][0], {**chapter["choices"][1],
+                                                            "consequences": {"outcome": "The convoy drifts on."}}]}
+    svc = StoryService(chain_of(FakeBackend("unused")), GenerationSettings())
+    spec, ctx = svc.prepare(examples.example_fields("chapters"))
+    sized = shrink(spec.schema(ctx), 0.5)  # what the backend says it held the answer to
+    primary = SizedFake("primary", sized).enqueue(json.dumps({"chapters": [chapter]}),
+                                                  json.dumps({"chapters": [fixed]}))
+    svc = StoryService(chain_of(primary), GenerationSettings())
+    answer = svc.answer(examples.example_fields("chapters"))
+    assert answer.ok
+    assert answer.output["chapters"][0]["choices"][1]["consequences"]["outcome"] == "The convoy drifts on."
+    retry = primary.history[1]
+    assert retry.prefix.endswith('"text":"Stay silent","consequences":')
+    assert retry.prefix.startswith('{"chapters":[{"id":1,"title":"The Signal","content":"The relay')
+    assert retry.schema is sized and retry.resize is None
+    assert retry.messages == spec.messages(ctx, "auto", sized) != primary.history[0].messages  # sized lengths
+
+
+class SizedFake(FakeBackend):
+    def __init__(self, name: str, schema: dict):
+        super().__init__(name)
+        self.schema = schema
+
+    def generate(self, request: Request) -> Generation:
+        generation = super().generate(request)
+        return Generation(**{**generation.__dict__, "schema": self.schema})
 
 
 def test_a_good_api_answer_is_reported_as_api(api, writer):
@@ -220,3 +264,19 @@ def test_a_backend_that_could_not_be_built_heals_on_the_next_health_check(tmp_pa
     late.chmod(0o755)
     assert [h.ok for h in chain.probe(rebuild=True)] == [True, True]
     assert chain.serving().label == "late"
+
+
+class Explodes(Backend):
+    """A backend with a bug in its constructor."""
+
+    @classmethod
+    def from_settings(cls, settings):
+        raise ZeroDivisionError("a bug")
+
+
+def test_a_backend_whose_construction_has_a_bug_is_down_and_the_others_serve(monkeypatch, writer):
+    monkeypatch.setitem(backends.REGISTRY, "openai", f"{__name__}:Explodes")
+    chain = Chain.from_config([OpenAISettings(type="openai", name="buggy", model="m"), writer], ChainSettings())
+    assert chain.states[0].backend is None
+    assert chain.states[0].build_error == "unexpected ZeroDivisionError: a bug"
+    assert chain.serving().label == chain.states[1].label

@@ -58,8 +58,10 @@ def test_every_config_key_is_in_the_example_file():
     ("backends:\n  - type: llama_cpp\n    n_gpu_layer: 3\n", "n_gpu_layer: Extra inputs are not permitted"),
     ("backends:\n  - type: llama\n", "backends.0: Input tag 'llama' found using 'type' does not match"),
     ("axon:\n  port: 700000\n", "axon.port: Input should be less than or equal to 65535"),
-    ("generation:\n  deadline_s: 90\n", "generation.deadline_s"),
+    ("generation:\n  target_s: 90\n", "generation.target_s"),
+    ("backends:\n  - type: llama_cpp\n    parallel: 0\n", "backends.0.parallel: Value error, must be between 1"),
     ("backends:\n  - type: llama_cpp\n    kv_cache_type: q8_0\n    flash_attn: false\n", "q8_0 needs flash_attn"),
+    ("backends:\n  - type: llama_cpp\n    parallel: 40\n    n_batch: 32\n", "parallel (40) must not exceed n_batch"),
     ("backends: []\n", "backends: List should have at least 1 item"),
     ("- just\n- a list\n", "the top level must be a mapping"),
     ("netuid: [\n", "not valid YAML"),
@@ -69,6 +71,12 @@ def test_a_wrong_key_or_value_names_the_key(tmp_path, yaml_text, expected):
         load_config(write(tmp_path, yaml_text))
     assert expected in str(err.value)
     assert "config.yaml" in str(err.value)
+
+
+def test_the_old_deadline_key_becomes_the_target_with_a_warning(tmp_path):
+    with pytest.warns(DeprecationWarning, match="generation.deadline_s is now generation.target_s"):
+        config = load_config(write(tmp_path, "generation:\n  deadline_s: 30\n"))
+    assert config.generation.target_s == 30
 
 
 def test_a_missing_file_says_what_to_do(tmp_path):

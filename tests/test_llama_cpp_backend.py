@@ -5,14 +5,10 @@ import time
 import numpy as np
 import pytest
 
-from backends.base import BackendError, DeadlineExceeded, Request
-from backends.constrained import Sampler, decode
-from backends.grammar import schema_to_gbnf
-from backends.jsonwalk import JsonWalker
-from backends.llama_cpp import LlamaCppBackend
+from backends.base import BackendError, Request
+from backends.llama_cpp import LlamaCppBackend, cells_per_request, parallel_for
 from miner.config import LlamaCppSettings
 from miner.tasks import TASKS, Context
-from miner.tasks.common import obj, text
 from models.embedded import embedded_model_path
 
 
@@ -52,7 +48,14 @@ def test_info_names_the_demo_model_honestly(embedded_backend):
     info = embedded_backend.info().to_wire()
     assert info["mode"] == "local" and info["provider"] == "llama.cpp"
     assert "embedded demo model" in info["name"]
-    assert info["parameters"]["n_ctx"] == 4096
+    assert info["parameters"]["n_ctx"] == 8192 and info["parameters"]["parallel"] == 2
+
+
+def test_parallel_auto_fits_the_longest_answer_in_each_request_s_share_of_the_context(embedded_backend):
+    cells = cells_per_request(embedded_backend.model)
+    assert cells == 4096  # SmolLM2 spends about 2 tokens a Chinese character: 1024 + 1200 x 2, rounded up
+    assert [parallel_for("auto", n, 2048) for n in (1024, 4096, 8192, 16384, 131072)] == [1, 2, 4, 8, 8]
+    assert parallel_for(3, 4096, cells) == 3
 
 
 def test_free_text_generation_reports_its_tokens(embedded_backend):
@@ -67,16 +70,7 @@ def test_max_tokens_bounds_the_answer(embedded_backend):
     assert generation.completion_tokens == 5 and generation.finish_reason == "length"
 
 
-def test_the_deadline_stops_a_generation(embedded_backend):
-    long_story = obj(story=text(2000, 3000))  # far more than fits in half a second: it cannot end early
-    with pytest.raises(DeadlineExceeded):
-        embedded_backend.generate(ask("Write a very long story.", max_tokens=3000, schema=long_story,
-                                      deadline=time.monotonic() + 0.5))
-    # The model is free again afterwards.
-    assert embedded_backend.generate(ask("Say hi.", max_tokens=3)).completion_tokens > 0
-
-
-def test_a_blueprint_under_the_task_grammar_meets_the_contract(embedded_backend):
+def test_a_blueprint_under_the_task_schema_meets_the_contract(embedded_backend):
     ctx = Context(user_input="A story about a lighthouse keeper")
     spec = TASKS["blueprint"]
     request = Request(messages=spec.messages(ctx), max_tokens=spec.max_tokens(ctx),
@@ -89,21 +83,6 @@ def test_health_runs_a_tiny_real_generation(embedded_backend):
     health = embedded_backend.health()
     where = f"{embedded_backend.plan.n_gpu_layers} layers on GPU" if embedded_backend.plan.n_gpu_layers else "CPU only"
     assert health.ok and "generated" in health.detail and where in health.detail
-
-
-def test_text_the_schema_forces_is_batched_not_sampled(embedded_backend):
-    ctx = Context(user_input="A story about a lighthouse keeper")
-    schema = TASKS["characters"].schema(ctx)
-    llm = embedded_backend.llm
-    embedded_backend._prefill(embedded_backend.prompt_tokens(TASKS["characters"].messages(ctx)))
-    sampler = Sampler(llm, schema_to_gbnf(schema), temperature=0.8, top_p=0.95, seed=1)
-    try:
-        stats = decode(llm, sampler, 3000, time.monotonic() + 120, JsonWalker(schema))
-    finally:
-        sampler.close()
-    answer = json.loads(llm.detokenize(stats.tokens).decode())
-    assert TASKS["characters"].check(answer, ctx) and stats.finish_reason == "stop"
-    assert stats.forced >= 5 * 9  # at least every key of every character came as a batch
 
 
 def test_a_gguf_without_a_chat_template_is_refused_before_loading(tmp_path):

@@ -1,5 +1,6 @@
 """The contract checks: they pass what the protocol asks for and name exactly what breaks it."""
 import copy
+import json
 
 import pytest
 
@@ -57,6 +58,22 @@ BREAKS = [
 def test_a_broken_answer_names_the_problem(task, change, message):
     with pytest.raises(ContractError, match=message.replace("(", r"\(")):
         TASKS[task].check(broken(task, change), CTX)
+
+
+def test_repeated_consequences_are_retried_from_the_repeat_only():
+    answer = broken("chapters", BREAKS[-1][1])
+    with pytest.raises(ContractError) as err:
+        TASKS["chapters"].check(answer, CTX)
+    keep = err.value.retry_from
+    assert keep.endswith('"id":"B","text":"Stay silent","consequences":')
+    assert json.dumps(answer, ensure_ascii=False, separators=(",", ":")).startswith(keep)
+
+
+@pytest.mark.parametrize("answer", [{}, {"chapters": "x"}, {"chapters": [1]}, {"chapters": [{"choices": "x"}]}])
+def test_an_answer_of_another_shape_gets_a_whole_retry(answer):
+    with pytest.raises(ContractError) as err:
+        TASKS["chapters"].check(answer, CTX)
+    assert err.value.retry_from is None
 
 
 def test_a_bare_list_is_not_an_answer():

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from miner.tasks import blueprint, chapters, characters, story_arc
-from miner.tasks.common import ContractError, TaskInputError, language_instruction
+from miner.tasks.common import ContractError, TaskInputError, language_instruction, prefix_before
 from miner.tasks.context import digest
 
 __all__ = ["TASKS", "TaskSpec", "Context", "ContractError", "TaskInputError", "parse_json_object"]
@@ -30,9 +30,11 @@ class Context:
 class TaskSpec:
     name: str
     needs: tuple[str, ...]  # Context fields the task cannot do without
-    module: Any  # the task's module: instructions(ctx), schema(ctx), max_tokens(ctx), check(obj, ctx)
+    module: Any  # the task's module: instructions(ctx, schema), schema(ctx), max_tokens(ctx), check(obj, ctx)
 
-    def messages(self, ctx: Context, language: str = "auto") -> list[dict[str, str]]:
+    def messages(self, ctx: Context, language: str = "auto",
+                 schema: dict[str, Any] | None = None) -> list[dict[str, str]]:
+        """The chat asking for an answer to `schema` (default: the full one), its planned lengths named."""
         system = (
             "You are a novelist and story architect. You answer with exactly one JSON object that follows "
             "the requested fields, with vivid, original, specific writing. "
@@ -42,7 +44,7 @@ class TaskSpec:
             if field != "chapter_ids":
                 so_far = json.dumps(digest(field, getattr(ctx, field)), ensure_ascii=False)
                 parts.append(f"{field} so far:\n{so_far}")
-        parts.append(self.module.instructions(ctx))
+        parts.append(self.module.instructions(ctx, schema or self.schema(ctx)))
         return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
 
     def schema(self, ctx: Context) -> dict[str, Any]:
@@ -54,12 +56,16 @@ class TaskSpec:
         return self.module.max_tokens(ctx)
 
     def check(self, obj: Any, ctx: Context) -> dict[str, Any]:
-        """Return the object if it meets the contract, else raise ContractError listing every problem."""
+        """Return the object if it meets the contract, else raise ContractError listing every problem and,
+        where the task can tell, the start of the answer a retry may keep."""
         if not isinstance(obj, dict):
             raise ContractError(f"{self.name}: expected a JSON object, got {type(obj).__name__}")
         problems = self.module.check(obj, ctx)
         if problems:
-            raise ContractError(f"{self.name}: " + "; ".join(problems))
+            retry_path = getattr(self.module, "retry_path", None)  # only a lone problem is worth a partial retry
+            path = retry_path(obj, ctx) if retry_path and len(problems) == 1 else None
+            raise ContractError(f"{self.name}: " + "; ".join(problems),
+                                retry_from=prefix_before(obj, path) if path else None)
         return obj
 
 

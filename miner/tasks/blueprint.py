@@ -3,18 +3,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from miner.tasks.common import check_str, check_str_list, obj, text, texts
+from miner.tasks.common import about, at, check_str, check_str_list, obj, text, texts
 
 # (field, min chars, max chars): the contract's bounds where it sets them, sane ones elsewhere.
 BOUNDS = {"title": (2, 60), "genre": (2, 40), "setting": (50, 300), "core_conflict": (30, 200),
           "tone": (2, 60), "target_audience": (2, 80)}
 
 
-def instructions(ctx) -> str:
+def instructions(ctx, schema: dict[str, Any]) -> str:
     return (
-        "Design the blueprint of this story as JSON with: title; genre; setting (the world, place and era "
-        "in 2-3 sentences); core_conflict (the central struggle in one or two sentences); themes (3 or 4 "
-        "short themes); tone; target_audience.")
+        "Design the blueprint of this story as JSON with: title; genre; setting (the world, place and era, "
+        f"{about(at(schema, 'setting'))}); core_conflict (the central struggle, "
+        f"{about(at(schema, 'core_conflict'))}); themes (short themes); tone; target_audience.")
 
 
 def schema(ctx) -> dict[str, Any]:

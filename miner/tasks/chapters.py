@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from miner.tasks.common import check_dict, check_str, const, obj, text
+from miner.tasks.common import about, at, check_dict, check_str, const, obj, text
 
 CONTENT = (1000, 3000)  # the contract's bounds, in characters
 CHOICE_IDS = ("A", "B", "C")
@@ -19,12 +19,13 @@ def _planned(ctx, chapter_id: int) -> str:
     return "the next step of the story arc"
 
 
-def instructions(ctx) -> str:
+def instructions(ctx, schema: dict[str, Any]) -> str:
     plans = "\n".join(f"- chapter {i}: {_planned(ctx, i)}" for i in ctx.chapter_ids)
     return (
         "Write these chapters of the story as JSON {\"chapters\": [...]}:\n" + plans + "\n"
         "Each chapter has id, title, content (the chapter itself as flowing prose with scenes, dialogue and "
-        "the characters by name, several paragraphs long) and choices: 2 or 3 decisions the reader can take "
+        f"the characters by name, {about(at(schema, 'chapters', 0, 'content'))}) and choices: 2 or 3 "
+        "decisions the reader can take "
         "at the end, each with id, text, and consequences (an object whose outcome says what that choice "
         "leads to; every choice leads somewhere different).")
 
@@ -62,11 +63,33 @@ def _check_choices(choices: Any, where: str) -> list[str]:
         if choice.get("id") in (None, ""):
             problems.append(f"{where}choices.{j}.id is missing")
         check_dict(problems, choice, "consequences", f"{where}choices.{j}.")
-    outcomes = [json.dumps(c.get("consequences"), sort_keys=True, ensure_ascii=False)
-                for c in choices if isinstance(c, dict)]
-    if len(set(outcomes)) != len(outcomes):
+    if _repeated_consequence(choices) is not None:
         problems.append(f"{where}choices must have different consequences")
     return problems
+
+
+def _repeated_consequence(choices: list) -> int | None:
+    """The position of the first choice whose consequences repeat an earlier choice's."""
+    seen = set()
+    for j, choice in enumerate(choices):
+        if isinstance(choice, dict):
+            outcome = json.dumps(choice.get("consequences"), sort_keys=True, ensure_ascii=False)
+            if outcome in seen:
+                return j
+            seen.add(outcome)
+    return None
+
+
+def retry_path(answer: dict, ctx) -> list[str | int] | None:
+    """Where a retry starts over: the first repeated consequences, when nothing else is wrong. Answers from
+    APIs need not have the schema's shape: anything else gets a whole retry (None)."""
+    chapters = answer.get("chapters")
+    for i, chapter in enumerate(chapters if isinstance(chapters, list) else []):
+        choices = chapter.get("choices") if isinstance(chapter, dict) else None
+        j = _repeated_consequence(choices) if isinstance(choices, list) else None
+        if j is not None:
+            return ["chapters", i, "choices", j, "consequences"]
+    return None
 
 
 def check(answer: dict, ctx) -> list[str]:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from miner.tasks.common import check_dict, check_str, check_str_list, const, exact_items, obj, text, texts
+from miner.tasks.common import (about, at, check_dict, check_str, check_str_list, const, exact_items, obj, text,
+                                texts)
 
 ROLES = ("protagonist", "ally", "rival", "mentor", "wildcard")
 # Whom each character's relationships describe: fixed pairs keep the schema exact and the cast connected.
@@ -12,19 +13,20 @@ TIES = {"protagonist": ("ally", "rival"), "ally": ("protagonist", "mentor"),
         "wildcard": ("protagonist", "rival")}
 
 
-def instructions(ctx) -> str:
+def instructions(ctx, schema: dict[str, Any]) -> str:
+    first = at(schema, "characters", 0)
     return (
         "Create the story's five characters as JSON: {\"characters\": [...]} in the order protagonist, ally, "
-        "rival, mentor, wildcard. Each has id, name, archetype, background (2 sentences), motivation, "
-        "skills (2-3), personality_traits (2-3) and relationships: how they relate to the named characters. "
-        "Fit them to the blueprint's world and conflict.")
+        f"rival, mentor, wildcard. Each has id, name, archetype, background ({about(at(first, 'background'))}), "
+        f"motivation ({about(at(first, 'motivation'))}), skills, personality_traits and relationships: how they "
+        "relate to the named characters. Fit them to the blueprint's world and conflict.")
 
 
 def _character(role: str) -> dict[str, Any]:
     return obj(
-        id=const(role), name=text(2, 30), archetype=text(3, 30), background=text(60, 180),
-        motivation=text(20, 100), skills=texts(2, 3, 2, 20), personality_traits=texts(2, 3, 2, 16),
-        relationships=obj(**{other: text(10, 64) for other in TIES[role]}))
+        id=const(role), name=text(2, 30), archetype=text(3, 30), background=text(20, 180),
+        motivation=text(10, 100), skills=texts(2, 3, 2, 20), personality_traits=texts(2, 3, 2, 16),
+        relationships=obj(**{other: text(6, 64) for other in TIES[role]}))
 
 
 def schema(ctx) -> dict[str, Any]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from miner.tasks.common import check_dict, check_str, const, exact_items, obj, text, texts
+from miner.tasks.common import about, at, check_dict, check_str, const, exact_items, obj, text, texts
 
 N_CHAPTERS = 12
 ACTS = {"act1": [1, 2, 3], "act2a": [4, 5, 6], "act2b": [7, 8, 9], "act3": [10, 11, 12]}
@@ -13,27 +13,28 @@ def progress(chapter_id: int) -> float:
     return round(chapter_id / N_CHAPTERS, 2)
 
 
-def instructions(ctx) -> str:
+def instructions(ctx, schema: dict[str, Any]) -> str:
     return (
-        "Plan the story arc as JSON: title; description (the whole story in 2-3 sentences); chapters: "
-        "12 chapters, each with id, a title and a one-sentence description of what happens, rising toward "
+        f"Plan the story arc as JSON: title; description (the whole story, {about(at(schema, 'description'))}); "
+        f"chapters: 12 chapters, each with id, a title and a description of what happens "
+        f"({about(at(schema, 'chapters', 0, 'description'))}), rising toward "
         "the climax in chapters 10-11 and resolving in 12; arcs: act1 (chapters 1-3, setup), act2a (4-6, "
         "rising stakes), act2b (7-9, reversal), act3 (10-12, climax and resolution), each with a title; "
         "themes: the primary theme and how it develops; hooks: the opening hook and the cliffhanger.")
 
 
 def _chapter(chapter_id: int) -> dict[str, Any]:
-    return obj(id=const(chapter_id), title=text(2, 40), description=text(30, 120),
+    return obj(id=const(chapter_id), title=text(2, 40), description=text(10, 120),
                storyProgress=const(progress(chapter_id)))
 
 
 def schema(ctx) -> dict[str, Any]:
     return obj(
-        title=text(2, 60), description=text(40, 300),
+        title=text(2, 60), description=text(30, 300),
         chapters=exact_items([_chapter(i) for i in range(1, N_CHAPTERS + 1)]),
         arcs=obj(**{act: obj(title=text(2, 40), chapters=const(ids)) for act, ids in ACTS.items()}),
-        themes=obj(primary=text(2, 40), development=text(20, 200), secondary=texts(1, 3, 2, 40)),
-        hooks=obj(opening=text(20, 160), cliffhanger=text(20, 160)))
+        themes=obj(primary=text(2, 40), development=text(10, 200), secondary=texts(1, 3, 2, 40)),
+        hooks=obj(opening=text(10, 160), cliffhanger=text(10, 160)))
 
 
 def max_tokens(ctx) -> int:

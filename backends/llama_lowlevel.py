@@ -1,0 +1,216 @@
+"""Every low-level llama.cpp call the local backend makes, in one module (llama-cpp-python 0.3.36 names).
+
+Why not `llama_cpp.Llama`: it cannot set n_seq_max or choose how the KV cache is split between sequences,
+so it decodes one sequence at a time (../shared/spec/facts.md, "serving several requests"). These wrappers
+own the C objects, free them once, and turn C return codes into exceptions; nothing here knows about
+requests or scheduling.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import llama_cpp  # before numpy: the other order made CUDA model loading segfault (facts.md)
+import numpy as np
+
+KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+ALL_LAYERS = 0x7FFFFFFF  # llama.cpp clamps this to "every layer"
+
+# llama.cpp logs through llama-cpp-python's logger; below ERROR it is load chatter, not news.
+logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+
+
+class LlamaError(RuntimeError):
+    """llama.cpp refused: a model or context that could not be made, or a failed decode."""
+
+
+class NoKvRoom(LlamaError):
+    """llama_decode found no free KV cells for the batch (return code 1)."""
+
+
+class Model:
+    """A loaded GGUF model and its vocabulary."""
+
+    def __init__(self, path: Path, n_gpu_layers: int, *, vocab_only: bool = False):
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = ALL_LAYERS if n_gpu_layers < 0 else n_gpu_layers
+        params.vocab_only = vocab_only
+        self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            raise LlamaError(f"llama.cpp could not load {path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+
+    def meta(self, key: str) -> str | None:
+        size = 1 << 16
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
+        if n < 0:
+            return None
+        if n >= size:  # a long value (a chat template): ask again with room for all of it
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, n + 1)
+        return buf.value.decode("utf-8", errors="replace")
+
+    def chat_template(self) -> str | None:
+        template = llama_cpp.llama_model_chat_template(self.ptr, None)
+        return template.decode("utf-8") if template else None
+
+    def special_token(self, which: str) -> int:
+        """bos or eos; -1 when the model has none."""
+        return {"bos": llama_cpp.llama_vocab_bos, "eos": llama_cpp.llama_vocab_eos}[which](self.vocab)
+
+    def adds_bos(self) -> bool:
+        return bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        room = len(data) + 8
+        tokens = (llama_cpp.llama_token * room)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, room, add_special, parse_special)
+        if n < 0:  # never more tokens than bytes plus specials, but the C API says how many it needed
+            room = -n
+            tokens = (llama_cpp.llama_token * room)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, room, add_special, parse_special)
+        return list(tokens[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token as written in text (special tokens as their text). A buffer per call:
+        ctypes releases the GIL, so a shared one would mix the pieces of threads detokenizing at once."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, True)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> bytes:
+        return b"".join(self.piece(t) for t in tokens)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class Context:
+    """A context for up to n_seq_max sequences, each with its own n_ctx / n_seq_max cells of KV cache.
+
+    Not a unified cache: there every sequence's attention runs over every sequence's cells (masked), which
+    made a step at 4 sequences of 1000 tokens 45% slower on 2 cores (docs/measurements.md)."""
+
+    def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_seq_max: int, flash_attn: bool,
+                 kv_cache_type: str, n_threads: int):
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
+        params.n_seq_max = n_seq_max
+        params.kv_unified = False
+        params.n_threads = params.n_threads_batch = n_threads
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.type_k = params.type_v = KV_TYPES[kv_cache_type]
+        params.no_perf = True
+        self.model = model
+        self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise LlamaError(f"llama.cpp could not make a context of {n_ctx} tokens for {n_seq_max} sequences")
+        self.mem = llama_cpp.llama_get_memory(self.ptr)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
+        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ptr)
+        self.n_batch = llama_cpp.llama_n_batch(self.ptr)
+        self.n_seq_max = n_seq_max
+
+    def decode(self, batch: Batch) -> None:
+        rc = llama_cpp.llama_decode(self.ptr, batch.c)
+        if rc == 1:
+            raise NoKvRoom(f"no free KV cells for {batch.n} tokens (n_ctx {self.n_ctx})")
+        if rc != 0:
+            raise LlamaError(f"llama_decode failed with code {rc}")
+
+    def logits(self, i: int) -> np.ndarray:
+        """The logits of batch row i, as a writable view: valid until the next decode."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise LlamaError(f"no logits for batch row {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def forget(self, seq: int, start: int = 0) -> None:
+        """Drop sequence seq's cells from position start on (all of it by default)."""
+        if not llama_cpp.llama_memory_seq_rm(self.mem, seq, start, -1):
+            raise LlamaError(f"llama.cpp could not drop positions {start}.. of sequence {seq}")
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self.mem, True)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+
+class Batch:
+    """Tokens of several sequences for one llama_decode."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.c = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+        self.c.n_tokens = 0
+
+    def add(self, tokens: list[int], seq: int, start_pos: int, *, logits_last: bool) -> int:
+        """Append tokens of sequence seq at positions start_pos...; return the row of the last one."""
+        if not tokens or self.n + len(tokens) > self.capacity:
+            raise LlamaError(f"cannot add {len(tokens)} tokens to a batch of {self.n} (capacity {self.capacity})")
+        c = self.c
+        for k, token in enumerate(tokens):
+            i = self.n + k
+            c.token[i], c.pos[i], c.n_seq_id[i], c.logits[i] = token, start_pos + k, 1, 0
+            c.seq_id[i][0] = seq
+        self.n += len(tokens)
+        c.n_tokens = self.n
+        if logits_last:
+            c.logits[self.n - 1] = 1
+        return self.n - 1
+
+    def close(self) -> None:
+        if self.capacity:
+            llama_cpp.llama_batch_free(self.c)
+            self.capacity = 0
+
+
+class SamplerChain:
+    """llama.cpp's C sampler chain for one sequence: repeat penalty, top-k, top-p, temperature, draw."""
+
+    PENALTY_LAST_N = 64  # sampled tokens the repeat penalty looks back over
+
+    def __init__(self, n_vocab: int, *, temperature: float, top_p: float, repeat_penalty: float, seed: int,
+                 top_k: int = 40):
+        self.ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        steps = [llama_cpp.llama_sampler_init_penalties(n_vocab, self.PENALTY_LAST_N, repeat_penalty, 0.0, 0.0),
+                 llama_cpp.llama_sampler_init_top_k(top_k), llama_cpp.llama_sampler_init_top_p(top_p, 1)]
+        if temperature > 0:
+            steps += [llama_cpp.llama_sampler_init_temp(temperature), llama_cpp.llama_sampler_init_dist(seed)]
+        else:
+            steps.append(llama_cpp.llama_sampler_init_greedy())
+        for step in steps:
+            llama_cpp.llama_sampler_chain_add(self.ptr, step)  # the chain owns and frees its steps
+
+    def sample(self, ctx: Context, row: int) -> int:
+        """Draw from batch row `row`'s logits (as they are now) and add the token to the penalty's history."""
+        return llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, row)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+def version() -> str:
+    return llama_cpp.__version__

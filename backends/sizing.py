@@ -1,0 +1,175 @@
+"""Answers sized to fit the clock, by construction.
+
+A task's JSON schema gives every string a floor (minLength) and a ceiling (maxLength), and some arrays
+a range of items. Here the ceilings shrink toward the floors, all by one scale, until the worst case
+(every string at its maximum, every optional item present, forced text included) fits the time left
+at the speed this backend measured for the load it will run under. llguidance stops each string at
+its maxLength, so the plan holds whatever the model writes. No library sizes output by time, hence this.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+EMA = 0.1  # weight of a new observation in the running speeds
+
+
+def shrink(schema: dict[str, Any], scale: float) -> dict[str, Any]:
+    """A copy whose maxLength and maxItems lie `scale` of the way from their floors (0) to themselves (1)."""
+    out = copy.deepcopy(schema)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for lo_key, hi_key in (("minLength", "maxLength"), ("minItems", "maxItems")):
+                if hi_key in node:
+                    lo = node.get(lo_key, 0)
+                    node[hi_key] = lo + math.floor((node[hi_key] - lo) * scale)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(out)
+    return out
+
+
+def skeleton(schema: Any) -> Any:
+    """The biggest answer's skeleton: every key and item, strings empty. What is left is forced text."""
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type")
+    if kind == "object":
+        return {key: skeleton(sub) for key, sub in schema.get("properties", {}).items()}
+    if kind == "array":
+        prefix = schema.get("prefixItems") or []
+        n = schema.get("maxItems", len(prefix))
+        return [skeleton(prefix[i] if i < len(prefix) else schema.get("items")) for i in range(n)]
+    if kind == "string":
+        return ""
+    return 0
+
+
+def _strings(schema: Any) -> tuple[float, int, int]:
+    """(characters of every string at its maximum, number of strings, optional items) at maximum size;
+    infinite characters when a string has no maxLength."""
+    if not isinstance(schema, dict) or "const" in schema:
+        return 0, 0, 0
+    kind = schema.get("type")
+    if kind == "string":
+        return schema.get("maxLength", math.inf), 1, 0
+    parts: list[Any] = []
+    optional = 0
+    if kind == "object":
+        parts = list(schema.get("properties", {}).values())
+    elif kind == "array":
+        prefix = schema.get("prefixItems") or []
+        n = schema.get("maxItems", len(prefix))
+        parts = [prefix[i] if i < len(prefix) else schema.get("items") for i in range(n)]
+        optional = n - schema.get("minItems", n)
+    chars = strings = 0
+    for part in parts:
+        c, s, o = _strings(part)
+        chars, strings, optional = chars + c, strings + s, optional + o
+    return chars, strings, optional
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Tokens of the largest answer a schema allows (sampled is infinite when a string is unbounded)."""
+    sampled: float  # chosen by the model: string text, each string's end, each optional item
+    forced: int  # dictated by the schema (keys, ids, punctuation), evaluated in batches
+
+    @property
+    def tokens(self) -> float:
+        return self.sampled + self.forced
+
+    @property
+    def bounded(self) -> bool:
+        return not math.isinf(self.sampled)
+
+
+def worst_case(schema: dict[str, Any], tokens_per_char: float, count_tokens: Callable[[str], int]) -> Cost:
+    chars, strings, optional = _strings(schema)
+    forced = json.dumps(skeleton(schema), ensure_ascii=False, separators=(",", ":"))
+    sampled = math.ceil(chars * tokens_per_char) if not math.isinf(chars) else math.inf
+    return Cost(sampled=sampled + strings + optional, forced=count_tokens(forced))
+
+
+class Speed:
+    """What the backend measured of itself: prompt tokens a second, and seconds per decode step when n
+    sequences decode together (each step writes one token for each). Seeded by a warm-up, then kept as
+    running averages of every step served."""
+
+    def __init__(self, prefill_tps: float, step_s: dict[int, float]):
+        self._lock = threading.Lock()
+        self.prefill_tps = prefill_tps
+        self._step_s = dict(step_s)
+
+    def step_s(self, n: int) -> float:
+        """Seconds per step at n sequences: measured, or on the line through the nearest measured ones."""
+        with self._lock:
+            known = sorted(self._step_s.items())
+        if n in self._step_s:
+            return self._step_s[n]
+        if len(known) == 1:
+            return known[0][1] * n  # one point: assume no batching gain
+        below = [p for p in known if p[0] < n][-1:] or known[:1]
+        above = [p for p in known if p[0] > n][:1] or known[-1:]
+        (n0, t0), (n1, t1) = (below[0], above[0]) if below[0] != above[0] else (known[-2], known[-1])
+        return max(t0 + (t1 - t0) * (n - n0) / (n1 - n0), min(t0, t1))
+
+    def observe_step(self, n: int, seconds: float) -> None:
+        with self._lock:
+            old = self._step_s.get(n)
+            self._step_s[n] = seconds if old is None else old + EMA * (seconds - old)
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        with self._lock:
+            self.prefill_tps += EMA * (tokens / seconds - self.prefill_tps)
+
+    def seconds(self, cost: Cost, prompt_tokens: int, n: int) -> float:
+        return cost.sampled * self.step_s(n) + (cost.forced + prompt_tokens) / self.prefill_tps
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"prefill_tok_s": round(self.prefill_tps, 1),
+                    "decode_tok_s_by_sequences": {n: round(n / s, 1) for n, s in sorted(self._step_s.items())}}
+
+
+@dataclass(frozen=True)
+class Fit:
+    scale: float  # 1.0: full size; 0.0: every bound at its floor
+    schema: dict[str, Any]
+    cost: Cost
+    seconds: float  # the worst case's estimated time, prompt included
+    past_target: bool  # even the floors miss the target; they still make the hard limit
+
+
+def fit_schema(schema: dict[str, Any], seconds_of: Callable[[dict[str, Any]], tuple[Cost, float]],
+               target_s: float, hard_s: float, steps: int = 8) -> Fit | None:
+    """The largest scale whose worst case fits target_s; the floors if only hard_s fits; None if not even that."""
+    cost, seconds = seconds_of(schema)
+    if seconds <= target_s:
+        return Fit(1.0, schema, cost, seconds, False)
+    floor = shrink(schema, 0.0)
+    floor_cost, floor_seconds = seconds_of(floor)
+    if floor_seconds > target_s:
+        return Fit(0.0, floor, floor_cost, floor_seconds, True) if floor_seconds <= hard_s else None
+    best = Fit(0.0, floor, floor_cost, floor_seconds, False)
+    lo, hi = 0.0, 1.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        sized = shrink(schema, mid)
+        cost, seconds = seconds_of(sized)
+        if seconds <= target_s:
+            lo, best = mid, Fit(mid, sized, cost, seconds, False)
+        else:
+            hi = mid
+    return best

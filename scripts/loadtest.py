@@ -1,0 +1,269 @@
+"""Replay the subnet's validators against a miner, the way they query it (../shared/spec/protocol.md).
+
+V validators, each a real bittensor Dendrite signed by its own wallet, loop: draw a task 40/25/25/10 and
+one of the eight Chinese prompts, send it with the fixed mock context and a 60 s timeout, score the answer
+against the contract, sleep 12 s; until S seconds have passed. By default the script starts
+`python -m miner run --offline` itself (your --config, else the embedded demo model) with the validators'
+hotkeys allowlisted. Data on stdout (a table, or --json), progress on stderr.
+
+    python scripts/loadtest.py --validators 4 --seconds 600 [--config config.yaml] [--json]
+    python scripts/loadtest.py --axon 127.0.0.1:8091 --axon-hotkey SS58 --wallets DIR [--pid PID]
+        (a miner already running: validator wallets are made in DIR; allowlist the hotkeys it prints)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml  # noqa: E402
+
+from backends.llama_lowlevel import Model  # noqa: E402  (before numpy, which bittensor imports)
+from miner import examples  # noqa: E402
+from miner.demo import free_port, make_wallet  # noqa: E402
+from miner.neuron import no_public_ip_lookup  # noqa: E402
+from miner.protocol import StoryGenerationSynapse  # noqa: E402
+from miner.tasks import TASKS, ContractError, Context  # noqa: E402
+
+import bittensor as bt  # noqa: E402
+
+log = logging.getLogger("loadtest")
+
+TIMEOUT_S = 60  # what validators give a request
+SLEEP_S = 12  # VALIDATOR_QUERY_INTERVAL
+FULL_MARKS_S = 30
+META = ("model_info", "generation_time")
+START_TIMEOUT_S = 600
+
+
+@dataclass
+class Outcome:
+    validator: int
+    task: str
+    kind: str  # valid, invalid, busy, error, no_answer
+    seconds: float
+    detail: str = ""
+    chars: int = 0  # of the answer's compact JSON
+    tokens: int = 0
+
+
+@dataclass
+class Run:
+    outcomes: list[Outcome] = field(default_factory=list)
+    rss_start_mib: float | None = None
+    rss_end_mib: float | None = None
+
+
+def classify(task: str, fields: dict, response: StoryGenerationSynapse) -> tuple[str, str, dict | None]:
+    output = response.output_data
+    if not response.is_success or not isinstance(output, dict):
+        return "no_answer", f"{response.dendrite.status_code} {response.dendrite.status_message}", None
+    if "error" in output:
+        return ("busy" if "busy" in str(output["error"]) else "error"), str(output["error"])[:300], None
+    answer = {k: v for k, v in output.items() if k not in META}
+    ctx = Context(**{k: fields.get(k) for k in ("user_input", "blueprint", "characters", "story_arc", "chapter_ids")})
+    try:
+        TASKS[task].check(answer, ctx)
+    except ContractError as e:
+        return "invalid", str(e)[:300], answer
+    return "valid", "", answer
+
+
+async def validator(n: int, wallet, axon_info, end: float, run: Run, count_tokens, seed: int) -> None:
+    rng = random.Random(seed)
+    dendrite = bt.Dendrite(wallet=wallet)
+    tasks, weights = zip(*examples.VALIDATOR_TASK_WEIGHTS.items())
+    while time.monotonic() < end:
+        task = rng.choices(tasks, weights)[0]
+        fields = examples.validator_fields(task, rng.choice(examples.VALIDATOR_PROMPTS))
+        started = time.monotonic()
+        response = await dendrite.forward(axons=[axon_info], synapse=StoryGenerationSynapse(**fields),
+                                          timeout=TIMEOUT_S, deserialize=False)
+        response = response[0]
+        seconds = time.monotonic() - started
+        kind, detail, answer = classify(task, fields, response)
+        text = json.dumps(answer, ensure_ascii=False, separators=(",", ":")) if answer else ""
+        outcome = Outcome(n, task, kind, round(seconds, 2), detail, len(text), count_tokens(text) if text else 0)
+        run.outcomes.append(outcome)
+        log.info("validator %d: %-10s %-9s %5.1f s %s", n, task, kind, seconds, detail[:120])
+        await asyncio.sleep(SLEEP_S)
+    await dendrite.aclose_session()
+
+
+def rss_mib(pid: int | None) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, TypeError):
+        return None
+    return None
+
+
+def start_miner(config: Path | None, workdir: Path, hotkeys: list[str],
+                miner_log: Path | None) -> tuple[subprocess.Popen, str, str]:
+    """`run --offline` with the validators allowlisted; returns (process, 'host:port', miner hotkey)."""
+    raw = yaml.safe_load(config.read_text(encoding="utf-8")) if config else {}
+    wallet = make_wallet(str(workdir), "loadtest-miner")
+    port = free_port()
+    raw = raw or {}
+    raw.update(offline={"allowed_hotkeys": hotkeys}, health={"port": 0},
+               wallet={"name": "loadtest-miner", "hotkey": "default", "path": str(workdir)},
+               axon={**(raw.get("axon") or {}), "port": port})
+    path = workdir / "loadtest-config.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    log_path = miner_log or workdir / "miner.log"
+    log_file = log_path.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "miner", "run", "--offline", "--config", str(path)]
+                            + (["--log-level", "DEBUG"] if miner_log else []),
+                            cwd=Path(__file__).resolve().parents[1], stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the miner exited with {proc.returncode} at start; the end of its log:\n"
+                             + log_path.read_text()[-3000:])
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"127.0.0.1:{port}", wallet.hotkey.ss58_address
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"the miner did not listen on port {port} within {START_TIMEOUT_S} s")
+
+
+def model_path(config: Path | None, given: str | None) -> Path:
+    if given:
+        return Path(given)
+    raw = yaml.safe_load(config.read_text(encoding="utf-8")) if config else {}
+    first = ((raw or {}).get("backends") or [{}])[0]
+    if first.get("type") == "llama_cpp" and first.get("model_path"):
+        return Path(first["model_path"]).expanduser()
+    from models.embedded import embedded_model_path
+    return embedded_model_path()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def summary(run: Run, seconds: float, validators: int) -> dict:
+    outcomes = run.outcomes
+    kinds = {k: sum(o.kind == k for o in outcomes) for k in ("valid", "invalid", "busy", "error", "no_answer")}
+    answered = [o.seconds for o in outcomes if o.kind in ("valid", "invalid")]
+    refusals = [o.seconds for o in outcomes if o.kind == "busy"]
+    by_task = {t: {k: sum(o.kind == k and o.task == t for o in outcomes) for k in kinds} for t in TASKS}
+    return {
+        "validators": validators, "seconds": round(seconds), "requests": len(outcomes), **kinds,
+        "valid_share": round(kinds["valid"] / len(outcomes), 3) if outcomes else None,
+        "answer_p50_s": percentile(answered, 0.5), "answer_p95_s": percentile(answered, 0.95),
+        "answer_max_s": max(answered, default=None),
+        "all_p95_s": percentile([o.seconds for o in outcomes], 0.95),
+        "within_30s_share": round(sum(o.kind == "valid" and o.seconds <= FULL_MARKS_S for o in outcomes)
+                                  / len(outcomes), 3) if outcomes else None,
+        "refusal_max_s": max(refusals, default=None),
+        "tokens_per_s": round(sum(o.tokens for o in outcomes) / seconds, 1),
+        "chars_per_s": round(sum(o.chars for o in outcomes) / seconds, 1),
+        "rss_start_mib": run.rss_start_mib and round(run.rss_start_mib),
+        "rss_end_mib": run.rss_end_mib and round(run.rss_end_mib),
+        "by_task": by_task,
+        "mean_answer_s_by_task": {t: round(statistics.mean(xs), 1) for t in TASKS
+                                  if (xs := [o.seconds for o in outcomes if o.task == t and o.kind == "valid"])},
+    }
+
+
+def print_table(s: dict, run: Run) -> None:
+    print(f"validators {s['validators']}, {s['seconds']} s, {s['requests']} requests: "
+          f"{s['valid']} valid ({100 * (s['valid_share'] or 0):.1f}%), {s['invalid']} invalid, {s['busy']} busy, "
+          f"{s['error']} errors, {s['no_answer']} no answer")
+    fmt = lambda v: "-" if v is None else f"{v:.1f} s"  # noqa: E731
+    print(f"answer latency p50 {fmt(s['answer_p50_s'])}, p95 {fmt(s['answer_p95_s'])}, max {fmt(s['answer_max_s'])}; "
+          f"valid within 30 s: {100 * (s['within_30s_share'] or 0):.1f}% of requests; "
+          f"slowest busy refusal {fmt(s['refusal_max_s'])}")
+    print(f"served {s['tokens_per_s']} tokens/s ({s['chars_per_s']} characters/s); miner RSS "
+          f"{s['rss_start_mib']} MiB at start, {s['rss_end_mib']} MiB at end")
+    print(f"{'task':<11}" + "".join(f"{k:>10}" for k in ("valid", "invalid", "busy", "error", "no_answer"))
+          + f"{'mean s':>9}")
+    for task, counts in s["by_task"].items():
+        mean = s["mean_answer_s_by_task"].get(task)
+        print(f"{task:<11}" + "".join(f"{v:>10}" for v in counts.values()) + f"{fmt(mean):>9}")
+    for o in run.outcomes:
+        if o.kind != "valid":
+            print(f"  {o.task} {o.kind} after {o.seconds} s: {o.detail}")
+
+
+async def load(args, wallets, axon_info, count_tokens, run: Run) -> float:
+    started = time.monotonic()
+    end = started + args.seconds
+    await asyncio.gather(*(validator(i, w, axon_info, end, run, count_tokens, args.seed + i)
+                           for i, w in enumerate(wallets)))
+    return time.monotonic() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--validators", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--config", type=Path, help="the miner's YAML (default: built-in, embedded demo model)")
+    parser.add_argument("--axon", help="HOST:PORT of a miner already running (default: start one)")
+    parser.add_argument("--axon-hotkey", help="that miner's hotkey (ss58)")
+    parser.add_argument("--wallets", type=Path, help="where to make the validators' wallets (with --axon)")
+    parser.add_argument("--pid", type=int, help="that miner's process id, for its memory")
+    parser.add_argument("--model", help="GGUF whose tokenizer counts the tokens served (default: the miner's)")
+    parser.add_argument("--miner-log", type=Path, help="keep the started miner's log here (--log-level DEBUG)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.axon and not (args.axon_hotkey and args.wallets):
+        parser.error("--axon needs --axon-hotkey and --wallets")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    vocab = Model(model_path(args.config, args.model), 0, vocab_only=True)
+    count_tokens = lambda text: len(vocab.tokenize(text, add_special=False, parse_special=False))  # noqa: E731
+    run = Run()
+    with tempfile.TemporaryDirectory() as tmp, no_public_ip_lookup():
+        where = args.wallets or Path(tmp)
+        wallets = [make_wallet(str(where), f"validator-{i}") for i in range(args.validators)]
+        hotkeys = [w.hotkey.ss58_address for w in wallets]
+        proc = None
+        if args.axon:
+            address, miner_hotkey, pid = args.axon, args.axon_hotkey, args.pid
+            print("allowlist these hotkeys (offline.allowed_hotkeys):", *hotkeys, sep="\n  ", file=sys.stderr)
+        else:
+            proc, address, miner_hotkey = start_miner(args.config, Path(tmp), hotkeys, args.miner_log)
+            pid = proc.pid
+        host, port = address.rsplit(":", 1)
+        axon_info = bt.AxonInfo(version=0, ip=host, port=int(port), ip_type=4, hotkey=miner_hotkey, coldkey="")
+        try:
+            run.rss_start_mib = rss_mib(pid)
+            seconds = asyncio.run(load(args, wallets, axon_info, count_tokens, run))
+            run.rss_end_mib = rss_mib(pid)
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=60)
+    vocab.close()
+    result = summary(run, seconds, args.validators)
+    if args.json:
+        json.dump({"summary": result, "outcomes": [asdict(o) for o in run.outcomes]}, sys.stdout, indent=2,
+                  ensure_ascii=False)
+        print()
+    else:
+        print_table(result, run)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

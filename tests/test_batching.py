@@ -1,0 +1,204 @@
+"""Continuous batching and the time model, on the embedded model with the validators' Chinese requests:
+answers decoded together stay valid, every answer is back by its hard limit, the target sizes but never
+aborts, a request the queue cannot serve in time is refused at once, and prompts reuse cached prefixes."""
+import dataclasses
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from backends import llama_lowlevel as ll
+from backends.base import BackendBusy, BackendError, DeadlineExceeded, Request
+from backends.batching import Job
+from backends.constraint import Matcher
+from backends.llama_cpp import LlamaCppBackend
+from miner import examples
+from miner.config import GenerationSettings, LlamaCppSettings
+from miner.service import StoryService
+from miner.tasks import TASKS, Context
+from miner.tasks.common import obj, text
+from backends.chain import BackendState, Chain
+
+
+def validators_request(service: StoryService, task: str, prompt: int = 0, hard_s: float = 55.0,
+                       target_s: float = 25.0) -> tuple[Request, Context]:
+    fields = examples.validator_fields(task, examples.VALIDATOR_PROMPTS[prompt])
+    spec, ctx = service.prepare(fields)
+    now = time.monotonic()
+    return service.request_for(spec, ctx, now + hard_s, now + target_s), ctx
+
+
+@pytest.fixture(scope="module")
+def service(embedded_backend):
+    return StoryService(Chain([BackendState(embedded_backend, "local")]), GenerationSettings())
+
+
+def test_answers_decoded_together_are_as_valid_as_serial_ones(embedded_backend, service):
+    tasks = ["characters", "story_arc", "blueprint"]  # the third waits for a slot: the fixture has two
+    requests = [validators_request(service, task, prompt=i, hard_s=120.0) for i, task in enumerate(tasks)]
+    with ThreadPoolExecutor(len(tasks)) as pool:
+        generations = list(pool.map(lambda r: embedded_backend.generate(r[0]), requests))
+    for task, (_, ctx), generation in zip(tasks, requests, generations):
+        answer = json.loads(generation.text)
+        assert TASKS[task].check(answer, ctx) == answer
+        assert generation.forced_tokens > 0  # keys and ids came as fast-forward batches, not samples
+        assert generation.schema is not None
+
+
+def test_an_answer_prone_to_long_strings_is_back_by_its_hard_limit(embedded_backend):
+    unbounded = {"type": "object", "properties": {"story": {"type": "string", "minLength": 20000}},
+                 "required": ["story"], "additionalProperties": False}  # no ceiling: nothing sizes it
+    started = time.monotonic()
+    request = Request(messages=[{"role": "user", "content": "Write the longest story you can."}],
+                      max_tokens=100_000, deadline=started + 3.0, schema=unbounded)
+    with pytest.raises(DeadlineExceeded, match="hard limit"):
+        embedded_backend.generate(request)
+    assert time.monotonic() - started < 3.5
+
+
+def test_a_sized_answer_is_back_by_its_hard_limit_even_when_the_target_is_tiny(embedded_backend, service):
+    request, ctx = validators_request(service, "characters", hard_s=40.0, target_s=1.0)
+    started = time.monotonic()
+    generation = embedded_backend.generate(request)  # floors miss the 1 s target: planned for the limit
+    seconds = time.monotonic() - started
+    answer = json.loads(generation.text)
+    assert TASKS["characters"].check(answer, ctx) == answer
+    assert 1.0 < seconds < 40.0  # past the target, and not aborted for it
+
+
+def test_a_request_that_cannot_fit_even_its_floors_is_refused_at_once(embedded_backend, service):
+    request, _ = validators_request(service, "chapters", hard_s=4.0, target_s=2.0)
+    started = time.monotonic()
+    with pytest.raises(BackendBusy, match="smallest answer"):
+        embedded_backend.generate(request)
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.fixture(scope="module")
+def single():
+    backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="one", parallel=1))
+    yield backend
+    backend.close()
+
+
+def ask(content: str, schema: dict, seconds: float, priority: float = 0.0) -> Request:
+    return Request(messages=[{"role": "user", "content": content}], max_tokens=5000,
+                   deadline=time.monotonic() + seconds, schema=schema, priority=priority)
+
+
+def in_background(backend, request: Request, finished: list) -> threading.Thread:
+    def run():
+        outcome = _try(backend.generate, request)
+        finished.append((request.priority, outcome))
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_waiting_requests_are_served_by_stake_then_arrival(single):
+    finished: list = []
+    threads = [in_background(single, ask("Write a story.", obj(story=text(150, 160)), 60), finished)]
+    while single.engine.active() == 0:
+        time.sleep(0.01)
+    for priority in (0.0, 5.0, 0.0):  # the staked caller arrives second and is served first
+        threads.append(in_background(single, ask("Say hi.", obj(reply=text(1, 10)), 60, priority), finished))
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join()
+    assert all(not isinstance(outcome, BackendError) for _, outcome in finished)
+    assert [priority for priority, _ in finished] == [0.0, 5.0, 0.0, 0.0]
+
+
+def test_a_request_the_queue_cannot_serve_in_time_is_refused_within_a_second(single):
+    finished: list = []
+    holder = in_background(single, ask("Write a tale.", obj(tale=text(600, 650)), 60), finished)
+    while single.engine.active() == 0:
+        time.sleep(0.01)
+    asked = time.monotonic()
+    with pytest.raises(BackendBusy, match="busy: 1 answers decoding"):
+        single.generate(ask("Say hi.", obj(reply=text(1, 20)), 3))
+    assert time.monotonic() - asked < 1.0
+    holder.join()
+    assert not isinstance(finished[0][1], BackendError)
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except BackendError as e:
+        return e
+
+
+def test_a_prompt_reuses_the_cells_of_an_earlier_one_it_shares_a_prefix_with(embedded_backend, service):
+    def short(prompt: int) -> Request:  # the validators' prompt, a short answer
+        request = validators_request(service, "blueprint", prompt=prompt)[0]
+        return Request(messages=request.messages, max_tokens=64, deadline=time.monotonic() + 55,
+                       schema=obj(title=text(2, 20)))
+
+    embedded_backend.generate(short(3))
+    again = embedded_backend.generate(short(3))
+    assert again.cached_tokens == again.prompt_tokens - 1  # all but the last, whose logits start the answer
+    other = embedded_backend.generate(short(5))
+    assert 20 < other.cached_tokens < other.prompt_tokens - 1  # the system prompt and the start of the request
+
+
+def test_a_retry_continues_from_the_part_worth_keeping(embedded_backend, service):
+    request, ctx = validators_request(service, "blueprint")
+    first = embedded_backend.generate(request)
+    answer = json.loads(first.text)
+    keep = '{"title":' + json.dumps(answer["title"], ensure_ascii=False) + ',"genre":'
+    retry = embedded_backend.generate(dataclasses.replace(  # as the chain retries
+        request, messages=request.resize(first.schema), deadline=time.monotonic() + 55, schema=first.schema,
+        resize=None, prefix=keep))
+    assert retry.text.startswith(keep)
+    again = json.loads(retry.text)
+    assert again["title"] == answer["title"]
+    assert TASKS["blueprint"].check(again, ctx) == again
+
+
+class RefusesAfter(Matcher):
+    """A real matcher that fails after a few tokens, as a constraint bug would."""
+
+    def __init__(self, inner: Matcher, tokens: int):
+        super().__init__(inner.ll)
+        self.left = tokens
+
+    def consume(self, tokens: list[int]) -> None:
+        self.left -= len(tokens)
+        if self.left < 0:
+            raise BackendError("the constraint refused a token: injected")
+        super().consume(tokens)
+
+
+def job_for(backend: LlamaCppBackend, prompt: list[int], matcher: Matcher | None, max_tokens: int = 40) -> Job:
+    sampler = ll.SamplerChain(backend.model.n_vocab, temperature=0.8, top_p=0.95, repeat_penalty=1.1, seed=1)
+    return Job(prompt, sampler, matcher, max_tokens)
+
+
+def test_one_answer_that_fails_mid_way_costs_only_itself(single):
+    schema = obj(reply=text(1, 200))
+    prompt = single.prompt_tokens([{"role": "user", "content": "Say hi."}])
+    broken = single.engine.submit(time.monotonic() + 30, lambda load: job_for(
+        single, prompt, RefusesAfter(single.engine.vocab.matcher(schema), 3)), (0.1, 0.1), 0.0)
+    with pytest.raises(BackendError, match="the answer failed: .*injected"):
+        broken.future.result(timeout=30)
+    assert single.engine.alive()
+    assert json.loads(single.generate(ask("Say hi.", schema, 30)).text)["reply"]
+
+
+def test_a_broken_context_answers_every_caller_and_health_says_so():
+    backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="doomed", parallel=1))
+    try:
+        invalid = [backend.model.n_vocab + 7]  # llama_decode refuses a token id outside the vocabulary
+        ticket = backend.engine.submit(time.monotonic() + 30, lambda load: job_for(backend, invalid, None),
+                                       (0.1, 0.1), 0.0)
+        with pytest.raises(BackendError, match="engine stopped: LlamaError"):
+            ticket.future.result(timeout=30)
+        with pytest.raises(BackendError, match="shutting down"):
+            backend.generate(ask("Say hi.", obj(reply=text(1, 20)), 30))
+        health = backend.health()
+        assert not health.ok and "engine has stopped" in health.detail
+    finally:
+        backend.close()

@@ -1,0 +1,105 @@
+"""llguidance on the embedded model's real vocabulary: every task schema compiles, strings stop exactly at
+their maxLength, forced text comes as tokens, and the mask leaves only what the schema allows."""
+import json
+
+import numpy as np
+import pytest
+
+from backends import llama_lowlevel as ll
+from backends.base import BackendError
+from backends.constraint import Masks, Vocabulary
+from backends.sizing import skeleton
+from miner import examples
+from miner.tasks import TASKS, Context
+from miner.tasks.common import obj, text, texts
+from models.embedded import embedded_model_path
+
+CTX = Context(**{k: v for k, v in examples.example_fields("chapters").items() if k != "task_type"})
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = ll.Model(embedded_model_path(), 0, vocab_only=True)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def vocab(model):
+    return Vocabulary(model)
+
+
+def feed(model, matcher, text_: str) -> None:
+    for token in model.tokenize(text_, add_special=False, parse_special=False):
+        matcher.consume([token])
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_schema_compiles_and_forces_its_opening(model, vocab, task):
+    schema = TASKS[task].schema(CTX)
+    forced = model.detokenize(vocab.matcher(schema).forced()).decode()
+    first_key = next(iter(schema["properties"]))
+    empty = json.dumps(skeleton(schema), separators=(",", ":"))
+    assert empty.startswith(forced) and len(forced) >= len(first_key)  # at least the first key, as a batch
+
+
+def test_a_string_stops_exactly_at_its_max_length(model, vocab):
+    matcher = vocab.matcher(obj(story=text(3, 10)))
+    feed(model, matcher, '{"story":"' + "灯塔" * 5)  # 10 characters: nothing more may go in the string
+    assert model.detokenize(matcher.forced()).decode() == '"}'
+    assert matcher.done
+
+
+def test_a_string_below_its_floor_cannot_end(model, vocab):
+    matcher = vocab.matcher(obj(story=text(3, 10)))
+    masks = Masks(vocab, 1)
+    feed(model, matcher, '{"story":"ab')
+    masks.fill([matcher])
+    logits = np.zeros(model.n_vocab, dtype=np.float32)
+    masks.apply(0, logits)
+    allowed = np.flatnonzero(np.isfinite(logits))
+    assert 0 < len(allowed) < model.n_vocab
+    texts = [model.piece(int(t)) for t in allowed]
+    assert not any(t.startswith(b'"') for t in texts)  # the closing quote waits for the third character
+    assert any(t == b"c" for t in texts)
+
+
+def test_masks_of_several_sequences_are_computed_together_and_kept_apart(model, vocab):
+    schema = obj(story=text(1, 10))
+    a, b = vocab.matcher(schema), vocab.matcher(schema)
+    feed(model, a, '{"story":"x')
+    masks = Masks(vocab, 2)
+    masks.fill([a, b])
+    first, second = np.zeros(model.n_vocab, np.float32), np.zeros(model.n_vocab, np.float32)
+    masks.apply(0, first)
+    masks.apply(1, second)
+    quote = model.tokenize('"', add_special=False, parse_special=False)[0]
+    assert np.isfinite(first[quote])  # a may end its one-character string
+    assert not np.isfinite(second[quote])  # b has not even opened its object
+
+
+def test_a_finished_answer_parses_and_is_done(model, vocab):
+    schema = TASKS["blueprint"].schema(CTX)
+    matcher = vocab.matcher(schema)
+    answer = {k: v for k, v in examples.BLUEPRINT.items()}
+    answer["themes"] = answer["themes"][:4]
+    feed(model, matcher, json.dumps(answer, ensure_ascii=False, separators=(",", ":")))
+    assert matcher.done
+
+
+def test_text_outside_the_schema_is_refused_with_the_reason(model, vocab):
+    matcher = vocab.matcher(obj(story=text(1, 10)))
+    with pytest.raises(BackendError, match="refused a token"):
+        feed(model, matcher, '{"tale":"')
+
+
+def test_a_schema_llguidance_cannot_compile_is_a_clear_error(vocab):
+    with pytest.raises(BackendError, match="cannot constrain output to the schema"):
+        vocab.matcher({"type": "string", "pattern": "(unclosed"})
+
+
+def test_a_short_string_cannot_be_only_spaces(model, vocab):
+    matcher = vocab.matcher(obj(skills=texts(2, 3, 2, 20)))
+    feed(model, matcher, '{"skills":["')
+    with pytest.raises(BackendError, match="refused a token"):
+        feed(model, matcher, "  ")

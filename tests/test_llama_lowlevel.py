@@ -1,0 +1,155 @@
+"""Each low-level llama.cpp call the backend makes, on the embedded model: what it returns, and how it fails."""
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from backends import llama_lowlevel as ll
+from models.embedded import embedded_model_path
+
+PROMPT = "The lighthouse keeper counted the ships each night."
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = ll.Model(embedded_model_path(), 0)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def ctx(model):
+    c = ll.Context(model, n_ctx=512, n_batch=128, n_seq_max=2, flash_attn=False, kv_cache_type="f16", n_threads=2)
+    yield c
+    c.close()
+
+
+def decode_prompt(ctx, batch, tokens, seq):
+    batch.clear()
+    row = batch.add(tokens, seq, 0, logits_last=True)
+    ctx.decode(batch)
+    return ctx.logits(row).copy()
+
+
+def test_a_model_reads_its_metadata_and_vocabulary(model):
+    assert model.n_vocab == 49152
+    assert model.meta("general.architecture") == "llama" and model.meta("no.such.key") is None
+    assert "im_start" in model.chat_template()
+    eos = model.special_token("eos")
+    assert model.is_eog(eos) and model.piece(eos) == b"<|im_end|>"
+    assert not model.is_eog(model.tokenize("a", add_special=False, parse_special=False)[0])
+    assert model.adds_bos() is False  # SmolLM2's ChatML template writes its own start
+
+
+def test_tokenize_and_detokenize_round_trip_any_script(model):
+    for text in (PROMPT, "灯塔看守人每晚数着船只。", "Café déjà vu  \n\t spaces"):
+        tokens = model.tokenize(text, add_special=False, parse_special=False)
+        assert tokens and model.detokenize(tokens).decode() == text
+    special = model.tokenize("<|im_start|>user", add_special=False, parse_special=True)
+    assert special[0] == model.tokenize("<|im_start|>", add_special=False, parse_special=True)[0]
+    assert len(model.tokenize("<|im_start|>", add_special=False, parse_special=False)) > 1  # as plain text
+
+
+def test_threads_detokenizing_at_once_get_their_own_text(model):
+    texts = [model.tokenize(t, add_special=False, parse_special=False)
+             for t in (PROMPT * 4, "灯塔看守人每晚数着船只。" * 8)]
+    expected = [model.detokenize(t) for t in texts]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda k: model.detokenize(texts[k % 2]), range(400)))
+    assert all(result == expected[k % 2] for k, result in enumerate(results))
+
+
+def test_a_vocabulary_only_load_tokenizes_the_same(model):
+    vocab = ll.Model(embedded_model_path(), 0, vocab_only=True)
+    try:
+        assert vocab.tokenize(PROMPT, add_special=False, parse_special=False) == \
+            model.tokenize(PROMPT, add_special=False, parse_special=False)
+    finally:
+        vocab.close()
+
+
+def test_a_file_llama_cpp_cannot_load_raises(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ll.LlamaError, match="could not load"):
+        ll.Model(bad, 0)
+
+
+def test_two_sequences_decode_in_one_batch_and_get_their_own_logits(model, ctx):
+    tokens = model.tokenize(PROMPT, add_special=False, parse_special=False)
+    batch = ll.Batch(128)
+    alone = decode_prompt(ctx, batch, tokens, 0)
+    ctx.clear()
+    batch.clear()
+    other = model.tokenize("Completely different words here", add_special=False, parse_special=False)
+    row0 = batch.add(tokens, 0, 0, logits_last=True)
+    row1 = batch.add(other, 1, 0, logits_last=True)
+    assert (row0, row1, batch.n) == (len(tokens) - 1, len(tokens) + len(other) - 1, len(tokens) + len(other))
+    ctx.decode(batch)
+    together = ctx.logits(row0)
+    assert together.shape == (model.n_vocab,)
+    assert np.allclose(together, alone, atol=1e-3)  # the other sequence does not leak into this one
+    assert not np.allclose(ctx.logits(row1), alone, atol=1e-3)
+    batch.close()
+
+
+def test_a_sequence_keeps_its_prefix_and_writes_a_new_continuation_after_forget(model, ctx):
+    tokens = model.tokenize(PROMPT, add_special=False, parse_special=False)
+    other = model.tokenize(" Then the fog came in.", add_special=False, parse_special=False)
+    batch = ll.Batch(128)
+    decode_prompt(ctx, batch, tokens, 0)
+    ctx.forget(0, 3)  # keep positions 0-2: the start both texts share
+    batch.clear()
+    row = batch.add(tokens[3:] + other, 0, 3, logits_last=True)
+    ctx.decode(batch)
+    kept = ctx.logits(row).copy()
+    ctx.forget(0)
+    fresh = decode_prompt(ctx, batch, tokens + other, 0)
+    assert np.allclose(kept, fresh, atol=1e-3)  # the kept cells are as good as evaluating it all again
+    assert ctx.n_ctx_seq == ctx.n_ctx // 2  # each of the two sequences has its own half
+    batch.close()
+
+
+def test_a_sequence_past_its_share_of_the_cache_raises_no_kv_room(model):
+    small = ll.Context(model, n_ctx=256, n_batch=256, n_seq_max=1, flash_attn=False, kv_cache_type="f16",
+                       n_threads=2)
+    batch = ll.Batch(256)
+    try:
+        batch.add([model.special_token("eos")] * 256, 0, 0, logits_last=True)
+        small.decode(batch)
+        batch.clear()
+        batch.add([model.special_token("eos")], 0, 256, logits_last=True)
+        with pytest.raises(ll.NoKvRoom):
+            small.decode(batch)
+    finally:
+        batch.close()
+        small.close()
+
+
+def test_a_batch_refuses_more_tokens_than_it_holds_and_none_at_all():
+    batch = ll.Batch(4)
+    with pytest.raises(ll.LlamaError, match="cannot add 5 tokens"):
+        batch.add([1, 2, 3, 4, 5], 0, 0, logits_last=True)
+    with pytest.raises(ll.LlamaError, match="cannot add 0 tokens"):
+        batch.add([], 0, 0, logits_last=True)
+    batch.close()
+
+
+def test_the_sampler_chain_draws_only_from_what_the_logits_allow(model, ctx):
+    tokens = model.tokenize(PROMPT, add_special=False, parse_special=False)
+    batch = ll.Batch(128)
+    logits = decode_prompt(ctx, batch, tokens, 0)
+    greedy = ll.SamplerChain(model.n_vocab, temperature=0.0, top_p=1.0, repeat_penalty=1.0, seed=1)
+    assert greedy.sample(ctx, len(tokens) - 1) == int(np.argmax(logits))
+    view = ctx.logits(len(tokens) - 1)
+    view[:] = -np.inf
+    view[1234] = 0.0  # what a constraint mask leaves
+    warm = ll.SamplerChain(model.n_vocab, temperature=0.8, top_p=0.95, repeat_penalty=1.1, seed=7)
+    assert warm.sample(ctx, len(tokens) - 1) == 1234
+    greedy.close()
+    warm.close()
+    batch.close()
+
+
+def test_the_version_is_the_pinned_one():
+    assert ll.version() == "0.3.36"

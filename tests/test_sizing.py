@@ -1,0 +1,115 @@
+"""Answers sized to the clock: shrinking toward the floors, the worst case, and the fit itself, checked with
+the embedded model's real tokenizer on the validators' Chinese requests."""
+import json
+
+import pytest
+
+from backends import llama_lowlevel as ll
+from backends.sizing import Cost, Speed, fit_schema, shrink, worst_case
+from miner import examples
+from miner.tasks import TASKS, Context
+from miner.tasks.common import SAMPLES, obj, text, texts
+from models.embedded import embedded_model_path
+
+CHINESE = SAMPLES["Simplified Chinese"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = ll.Model(embedded_model_path(), 0, vocab_only=True)
+    yield m
+    m.close()
+
+
+def count(model):
+    return lambda s: len(model.tokenize(s, add_special=False, parse_special=False))
+
+
+def test_shrink_moves_every_ceiling_toward_its_floor_and_never_below():
+    schema = obj(a=text(50, 300), b=texts(2, 5, 2, 40))
+    assert shrink(schema, 1.0) == schema
+    floors = shrink(schema, 0.0)
+    assert floors["properties"]["a"]["maxLength"] == 50
+    assert floors["properties"]["b"]["maxItems"] == 2 and floors["properties"]["b"]["items"]["maxLength"] == 2
+    half = shrink(schema, 0.5)
+    assert half["properties"]["a"]["maxLength"] == 175 and half["properties"]["b"]["maxItems"] == 3
+    assert schema["properties"]["a"]["maxLength"] == 300  # the original is left alone
+
+
+def test_the_worst_case_counts_every_string_at_its_maximum_and_the_forced_text(model):
+    schema = obj(title=text(1, 10), themes=texts(1, 3, 1, 5))
+    cost = worst_case(schema, 2.0, count(model))
+    assert cost.sampled == (10 + 3 * 5) * 2 + 4 + 2  # characters x tokens each, 4 string ends, 2 optional items
+    assert cost.forced == count(model)('{"title":"","themes":["","",""]}')
+
+
+def test_speed_interpolates_between_what_it_measured_and_follows_new_steps():
+    speed = Speed(200.0, {1: 0.010, 4: 0.025})
+    assert speed.step_s(1) == 0.010 and speed.step_s(2) == pytest.approx(0.015)
+    assert speed.step_s(8) == pytest.approx(0.045)  # past the last point, on the same line
+    assert speed.seconds(Cost(sampled=100, forced=50), prompt_tokens=150, n=1) == pytest.approx(1.0 + 1.0)
+    for _ in range(100):
+        speed.observe_step(1, 0.020)
+    assert speed.step_s(1) == pytest.approx(0.020, rel=1e-3)
+
+
+def seconds_of(model, speed, tokens_per_char, n):
+    def measure(schema):
+        cost = worst_case(schema, tokens_per_char, count(model))
+        return cost, speed.seconds(cost, 300, n)
+    return measure
+
+
+def test_an_idle_fast_miner_keeps_the_full_size_and_a_slow_one_shrinks(model):
+    schema = TASKS["characters"].schema(Context(user_input="x"))
+    fast = fit_schema(schema, seconds_of(model, Speed(5000.0, {1: 0.004}), 0.8, 1), 25.0, 55.0)
+    assert fast.scale == 1.0 and fast.schema == schema
+    slow = fit_schema(schema, seconds_of(model, Speed(180.0, {1: 0.012, 4: 0.032}), 2.0, 2), 25.0, 55.0)
+    assert 0.0 < slow.scale < 0.5 and slow.seconds <= 25.0
+
+
+def test_floors_past_the_target_are_planned_against_the_hard_limit_or_refused(model):
+    schema = TASKS["chapters"].schema(Context(user_input="x", chapter_ids=[1]))
+    measure = seconds_of(model, Speed(180.0, {1: 0.012, 4: 0.032}), 2.0, 4)
+    late = fit_schema(schema, measure, 25.0, 200.0)
+    assert late.past_target and late.scale == 0.0 and 25.0 < late.seconds <= 200.0
+    assert fit_schema(schema, measure, 25.0, 55.0) is None
+
+
+@pytest.mark.parametrize("task", ["characters", "story_arc", "chapters"])
+def test_a_schema_sized_for_a_slow_speed_fits_its_plan_with_every_string_at_its_maximum(model, task):
+    fields = examples.validator_fields(task, examples.VALIDATOR_PROMPTS[0])
+    ctx = Context(**{k: v for k, v in fields.items() if k != "task_type"})
+    tokens_per_char = count(model)(CHINESE) / len(CHINESE)
+    speed = Speed(180.0, {1: 0.012, 4: 0.032})
+    target = 50.0 if task == "chapters" else 25.0  # a 1000-character chapter alone is 2000 tokens here
+    sized = fit_schema(TASKS[task].schema(ctx), seconds_of(model, speed, tokens_per_char, 2), target, 55.0)
+    assert sized is not None and not sized.past_target
+    largest = fill(sized.schema)  # every string at its maximum, in the request's language
+    written = count(model)(json.dumps(largest, ensure_ascii=False, separators=(",", ":")))
+    sampled = sum(count(model)(s) + 1 for s in strings(largest))  # each string's text and its end
+    assert written <= sized.cost.tokens * 1.05
+    assert speed.seconds(Cost(sampled, written - sampled), 300, 2) <= target * 1.05
+
+
+def strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from strings(v)
+
+
+def fill(schema):
+    """The largest answer the schema allows, its strings cut from Chinese prose."""
+    if "const" in schema:
+        return schema["const"]
+    if schema["type"] == "object":
+        return {k: fill(v) for k, v in schema["properties"].items()}
+    if schema["type"] == "array":
+        prefix = schema.get("prefixItems") or []
+        return [fill(prefix[i] if i < len(prefix) else schema["items"]) for i in range(schema["maxItems"])]
+    return (CHINESE * 40)[: schema["maxLength"]]
