@@ -7,10 +7,9 @@ held in memory twice. The quantizer is llama.cpp's own (`llama_model_quantize`).
 
 from __future__ import annotations
 
-# llama_cpp first: loading it after numpy has crashed llama.cpp on some machines.
-import llama_cpp  # isort: skip
+# llama_cpp first (models.quantize uses it): loading it after numpy has crashed llama.cpp on some machines.
+import llama_cpp  # noqa: F401  # isort: skip
 
-import ctypes
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ import gguf
 import numpy as np
 import torch
 
+from models.quantize import QuantizeError, quantize
 from models.tokenizer_gguf import VOCAB_WRITERS, ConversionError
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,7 @@ OUTTYPES: dict[str, OutType] = {
 }
 
 # llama.cpp file type, and bytes per weight to plan disk space (K-quants keep some tensors wider).
-QUANTS: dict[str, tuple[int, float]] = {
-    "Q4_K_M": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 0.62),
-    "Q4_0": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, 0.57),
-    "Q8_0": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, 1.07),
-    "none": (0, 0.0),
-}
+QUANTS: dict[str, float] = {"Q4_K_M": 0.62, "Q4_0": 0.57, "Q8_0": 1.07, "none": 0.0}  # bytes a weight
 
 # config.json key -> GGUFWriter method; the first group must be present.
 REQUIRED_HPARAMS = (
@@ -337,15 +332,6 @@ def ensure_space(dest: Path, needed: int) -> None:
                               "free space or pass --out on a larger disk")
 
 
-def quantize(src: Path, dest: Path, quant: str) -> None:
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANTS[quant][0]
-    status = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), ctypes.byref(params))
-    if status != 0:
-        raise ConversionError(f"llama.cpp could not quantize {src} to {quant} (status {status}); "
-                              "its log above says which tensor; try --quant Q8_0 or --quant none")
-
-
 @dataclass(frozen=True)
 class SourceModel:
     """A checkpoint directory whose config.json names a supported architecture."""
@@ -418,10 +404,13 @@ def convert(source: str | Path, *, quant: str = "Q4_K_M", outtype: str = "f16",
     plain = part if quant == "none" else dest.with_name(f"{dest.name}.{outtype}.part")
     try:
         log.info("writing %s %s GGUF of %s", model.arch, outtype, model.model_dir)
-        n_tensors = write_gguf(model, OUTTYPES[outtype], plain, QUANTS[quant][1])
+        n_tensors = write_gguf(model, OUTTYPES[outtype], plain, QUANTS[quant])
         if quant != "none":
             log.info("quantizing to %s with llama.cpp", quant)
-            quantize(plain, part, quant)
+            try:
+                quantize(plain, part, quant)
+            except QuantizeError as e:
+                raise ConversionError(f"{e}; try --quant Q8_0 or --quant none") from None
         part.replace(dest)
     finally:
         plain.unlink(missing_ok=True)
