@@ -1,9 +1,14 @@
-"""Backends by YAML `type`. Modules load lazily so an unused SDK is never imported."""
+"""Backends by YAML `type`: one module each, holding its settings, mode, health check and code.
+
+Adding a backend is a new module and a line here. The config reads every module for its settings, so the
+API modules import their SDKs only when one of their backends is built (llama.cpp, the default backend,
+loads with its module).
+"""
 from __future__ import annotations
 
 from importlib import import_module
 
-from backends.base import Backend, BackendError
+from backends.base import Backend, BackendError, BackendSettings
 
 REGISTRY: dict[str, str] = {
     "llama_cpp": "backends.llama_cpp:LlamaCppBackend",
@@ -21,6 +26,11 @@ def backend_class(type_name: str) -> type[Backend]:
     return getattr(import_module(module_name), cls_name)
 
 
-def build_backend(settings) -> Backend:
+def settings_classes() -> tuple[type[BackendSettings], ...]:
+    """Every backend type's settings, in registry order: what a `backends:` entry may be."""
+    return tuple(backend_class(name).Settings for name in REGISTRY)
+
+
+def build_backend(settings: BackendSettings) -> Backend:
     """Make the backend a `backends:` entry describes; raises BackendError naming what is wrong."""
-    return backend_class(settings.type).from_settings(settings)
+    return backend_class(settings.type).from_settings(settings)  # type: ignore[attr-defined]

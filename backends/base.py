@@ -1,7 +1,9 @@
 """The one small interface every way of generating text sits behind.
 
 A backend knows nothing of synapses or tasks: it turns chat messages (plus an optional JSON schema)
-into text, says whether it can serve, and says what it is.
+into text, says whether it can serve, and says what it is. Each backend module holds all of one type:
+its settings (a `BackendSettings` subclass: one `backends:` entry of the YAML), its type and mode, and
+its health check; backends/__init__.py lists the modules.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class BackendError(Exception):
@@ -56,36 +60,6 @@ class Request:
         return self.deadline if self.target is None else min(self.target, self.deadline)
 
 
-MIN_CALL_S = 1.0  # less time left than this: a call cannot finish, so none is started
-HEALTH_TIMEOUT_S = 10.0  # a health check's own call to an API
-RETRY_PAUSE_S = 0.5
-
-
-class Retries:
-    """The tries of one remote call inside a request's deadline, shared by the API backends:
-    each try gets min(timeout_s, time left); transient failures are retried up to max_retries."""
-
-    def __init__(self, name: str, request: Request, timeout_s: float, max_retries: int):
-        self.name, self.request, self.timeout_s, self.max_retries = name, request, timeout_s, max_retries
-        self.failures: list[str] = []
-
-    def timeout(self) -> float:
-        """Seconds for the next try; raises DeadlineExceeded when none can finish in time."""
-        timeout = min(self.timeout_s, self.request.seconds_left())
-        if timeout < MIN_CALL_S:
-            after = f" after {len(self.failures)} failed tries: {self.failures[-1]}" if self.failures else ""
-            raise DeadlineExceeded(f"{self.name}: the deadline passed{after}")
-        return timeout
-
-    def failed(self, reason: str) -> None:
-        """A transient failure: raise once retries are spent, else pause briefly before the next try."""
-        self.failures.append(reason)
-        if len(self.failures) > self.max_retries:
-            raise BackendError(f"{self.name}: {reason} ({len(self.failures)} tries; backends max_retries "
-                               f"is {self.max_retries})")
-        time.sleep(min(RETRY_PAUSE_S, max(self.request.seconds_left() - MIN_CALL_S, 0)))
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     mode: str  # "local", "api" or "custom": validators read it, so it must be honest
@@ -124,10 +98,25 @@ class Health:
     detail: str
 
 
+class BackendSettings(BaseModel):
+    """One `backends:` entry. A subclass adds `type: Literal["<its type>"]` and its own fields, each with
+    bounds and a description: a wrong value fails at start naming the key."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(None, description="Label used in logs and health output; defaults to the type.")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.type  # type: ignore[attr-defined]
+
+
 class Backend(ABC):
-    """One way to generate text. Subclasses set `type` (the YAML `type:` value)."""
+    """One way to generate text. Subclasses set `type` (the YAML `type:` value), `mode` (what validators
+    are told: "local", "api" or "custom") and `Settings`."""
 
     type: ClassVar[str]
+    mode: ClassVar[str]
+    Settings: ClassVar[type[BackendSettings]]
 
     def __init__(self, name: str):
         self.name = name
@@ -135,7 +124,7 @@ class Backend(ABC):
     @classmethod
     @abstractmethod
     def from_settings(cls, settings: Any) -> Backend:
-        """Build from one validated `backends:` entry of the YAML."""
+        """Build from one validated `backends:` entry of the YAML (an instance of cls.Settings)."""
 
     @abstractmethod
     def generate(self, request: Request) -> Generation:
@@ -143,7 +132,7 @@ class Backend(ABC):
 
     @abstractmethod
     def health(self) -> Health:
-        """A cheap, real check that this backend can serve now."""
+        """A cheap, real check that this backend can serve now, its own settings' problems included."""
 
     @abstractmethod
     def info(self) -> ModelInfo:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 STALL_S = 0.25  # longest a prompt chunk may hold up a step
 LOAD_WINDOW_S = 60.0  # the recent load that answers are planned for
+MAX_PREFILL_SHARE = 0.5
 FILL_UNKNOWN, FILL_MARGIN, FILL_EMA = 0.8, 0.2, 0.3  # how much of its worst case an answer writes
 WARM_UP_STEPS = 12
 WARM_UP_SHORT = 32  # prompt tokens of the warm-up's extra sequences
@@ -39,6 +40,7 @@ class Load:
     now: float
     sequences: int  # sequences expected to decode beside it, itself included
     kv_room: int  # KV cells of its slot, prompt included
+    prefill_share: float = 0.0  # of the time, what other requests' prompts took lately: not decoding
 
 
 @dataclass
@@ -114,6 +116,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stop = False
         self._load_avg, self._load_at = 0.0, time.monotonic()
+        self._prefill_s, self._prefill_at = 0.0, time.monotonic()
         self._fill: dict[tuple[str, ...], float] = {}
         self._thread: threading.Thread | None = None
 
@@ -149,7 +152,8 @@ class Engine:
         """Until a slot frees for this ticket: each busy slot frees when its answer is likely written, and
         each ticket ahead then holds a slot for its smallest answer's time at full load."""
         now = time.monotonic()
-        step = self.speed.step_s(self.parallel)
+        cells = sum(len(s.cached) for s in self.slots if s.job is not None)
+        step = self.speed.step_s(self.parallel, cells) / (1 - self.prefill_share())
         frees = [now if slot.ticket is None or slot.job is None else now + self._tokens_left(slot.job) * step
                  for slot in self.slots]
         heapq.heapify(frees)
@@ -167,6 +171,19 @@ class Engine:
 
     def active(self) -> int:
         return sum(s.ticket is not None for s in self.slots)
+
+    def prefill_share(self) -> float:
+        """Seconds a second spent on prompts over the last minute or so: decoding gets the rest. Requests
+        arrive while an answer is written, and their prompts take turns with its steps."""
+        with self._cond:
+            decayed = self._prefill_s * math.exp(-(time.monotonic() - self._prefill_at) / LOAD_WINDOW_S)
+        return min(decayed / LOAD_WINDOW_S, MAX_PREFILL_SHARE)
+
+    def _track_prefill(self, seconds: float) -> None:
+        now = time.monotonic()
+        with self._cond:
+            self._prefill_s = self._prefill_s * math.exp(-(now - self._prefill_at) / LOAD_WINDOW_S) + seconds
+            self._prefill_at = now
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop
@@ -215,7 +232,7 @@ class Engine:
             # Planned for the recent average load too: requests come in waves, and a wave's first one
             # would otherwise be sized as if it were to decode alone.
             load = Load(now=now, sequences=min(self.parallel, max(self.active() + 1, math.ceil(self._load_avg))),
-                        kv_room=self.ctx.n_ctx_seq)
+                        kv_room=self.ctx.n_ctx_seq, prefill_share=self.prefill_share())
             try:
                 job = ticket.prepare(load)
             except Exception as e:
@@ -277,11 +294,14 @@ class Engine:
         self.ctx.decode(self.batch)
         seconds = time.perf_counter() - started
         self._account(added, chunks)
+        if prompt_tokens:
+            self._track_prefill(prompt_tokens / self.speed.prefill_tps)
         if prompt_tokens >= 16:
             self.speed.observe_prefill(prompt_tokens + extra + len(decoding), seconds)
         elif decoding:
             forced_s = extra / self.speed.prefill_tps
-            self.speed.observe_step(len(decoding), max(seconds - forced_s, seconds / 2))
+            self.speed.observe_step(len(decoding), max(seconds - forced_s, seconds / 2),
+                                    sum(len(slot.cached) for slot in decoding))
         self._sample(rows)
         self._enforce_limits()
 
@@ -397,7 +417,7 @@ class Engine:
             self.ctx.decode(self.batch)
             if seq == 0:
                 prefill_tps = len(tokens) / (time.perf_counter() - started)
-        step_s = {}
+        step_s, cells = {}, {}
         for n in sorted({1, self.parallel}):
             times = []
             for k in range(WARM_UP_STEPS):
@@ -408,10 +428,11 @@ class Engine:
                 self.ctx.decode(self.batch)
                 times.append(time.perf_counter() - started)
             step_s[n] = statistics.median(times)
+            cells[n] = sum(len(starts[seq]) for seq in range(n)) + n * WARM_UP_STEPS / 2
             for seq in range(n):
                 self.ctx.forget(seq, len(starts[seq]))
         self.ctx.clear()
-        self.speed = Speed(prefill_tps, step_s)
+        self.speed = Speed(prefill_tps, step_s, cells)
 
     def forget_cached(self) -> None:
         """Drop every cached prompt, so the next request starts from an empty cache (bench.py's fair start).

@@ -16,14 +16,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
-from backends import build_backend
+from backends import REGISTRY, backend_class, build_backend
 from backends.base import AnswerRejected, Backend, BackendBusy, BackendError, Generation, Health, Request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIN_SECONDS_TO_TRY = 1.0  # less than this left: another backend cannot answer in time
-MODE_BY_TYPE = {"llama_cpp": "local", "openai": "api", "gemini": "api", "custom": "custom"}
 
 
 class AllBackendsFailed(BackendError):
@@ -58,7 +57,19 @@ class BackendState:
 
     @property
     def mode(self) -> str:
-        return self.backend.info().mode if self.backend is not None else MODE_BY_TYPE.get(self.type, "?")
+        return backend_class(self.type).mode if self.type in REGISTRY else "?"
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """One backend as the health report shows it."""
+    name: str
+    type: str
+    mode: str
+    ok: bool  # would serve a request now
+    detail: str
+    cooling_down_s: float
+    served: int
 
 
 def _build(settings: Any) -> BackendState:
@@ -181,13 +192,6 @@ class Chain:
             results.append(health)
         return results
 
-    def mark_down(self, state: BackendState, detail: str) -> None:
-        """A check made outside the backend failed: record it and skip the backend for a cool-down."""
-        with self._lock:
-            state.health = Health(False, detail)
-            state.last_error = detail
-            state.cooldown_until = time.monotonic() + self.cooldown_s
-
     @staticmethod
     def _check(state: BackendState) -> Health:
         if state.backend is None:
@@ -197,6 +201,21 @@ class Chain:
         except Exception as e:  # a health check that crashes is a failed check, never a healthy one
             log.exception("health check of backend %s raised", state.label)
             return Health(False, f"health check raised {type(e).__name__}: {e}")
+
+    def snapshot(self) -> list[BackendStatus]:
+        """Each backend's state now, in YAML order, as health reports it."""
+        now = time.monotonic()
+        rows = []
+        with self._lock:
+            for state in self.states:
+                health = state.health or Health(state.backend is not None, state.build_error or "not checked yet")
+                cooling = max(state.cooldown_until - now, 0.0)
+                detail = health.detail
+                if cooling and health.ok:
+                    detail = f"skipped for {cooling:.0f} s after failing: {state.last_error}"
+                rows.append(BackendStatus(state.label, state.type, state.mode, state.usable(now), detail,
+                                          round(cooling, 1), state.served))
+        return rows
 
     def serving(self) -> BackendState | None:
         """The backend a request would go to first now, if any can serve."""

@@ -23,8 +23,11 @@ from backends.llama_lowlevel import Model
 COMPACT = {"whitespace_flexible": False}  # no whitespace between JSON tokens: nothing to sample there
 # A run of spaces meets a short minLength and says nothing: short strings must start with a visible
 # character. (llguidance cannot combine a pattern with a minLength of about 45 or more, and a run of
-# spaces that long is no risk.)
-VISIBLE_START, VISIBLE_START_BELOW = r"^\S", 40
+# spaces that long is no risk.) Spaces are what Python's str.isspace() calls so, as the contract checks
+# with str.strip(). The regex \S lets U+001C-U+001F through, which strip() removes (a trait that came
+# back empty after strip() failed a characters answer under load).
+SPACES = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+VISIBLE_START, VISIBLE_START_BELOW = f"^[^{SPACES}]", 40
 
 
 def _visible_start(schema: Any) -> Any:

@@ -8,16 +8,13 @@ the request's deadline; timeouts, connection errors, 429 and 5xx are retried whi
 from __future__ import annotations
 
 import logging
-import os
-import time
 from importlib import import_module
-from typing import Any
+from typing import Any, Literal
 
-from google import genai
-from google.genai import errors, types
+from pydantic import Field
 
-from backends.base import (HEALTH_TIMEOUT_S, Backend, BackendError, Generation, Health, ModelInfo, Request,
-                           Retries)
+from backends.base import BackendError, Health, ModelInfo, Request
+from backends.remote import HEALTH_TIMEOUT_S, APISettings, Failure, RemoteBackend, Reply, api_key
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +27,13 @@ GEMINI_KEYWORDS = {"type", "format", "title", "description", "enum", "items", "p
                    "minimum", "maximum", "anyOf", "properties", "additionalProperties", "required"}
 
 
+class GeminiSettings(APISettings):
+    type: Literal["gemini"]
+    model: str = Field("gemini-2.0-flash", description="Gemini model name.")
+    api_key_env: str = Field("GEMINI_API_KEY", description="Environment variable holding the key.")
+    base_url: str | None = Field(None, description="Override the API endpoint (proxies, tests).")
+
+
 def _transport_errors() -> tuple[type[Exception], ...]:
     """The SDK speaks HTTP through httpx2 or httpx, whichever is installed."""
     found = []
@@ -39,9 +43,6 @@ def _transport_errors() -> tuple[type[Exception], ...]:
         except ImportError:
             pass
     return tuple(found)
-
-
-TRANSPORT_ERRORS = _transport_errors()
 
 
 def gemini_schema(schema: Any) -> Any:
@@ -61,71 +62,68 @@ def gemini_schema(schema: Any) -> Any:
     return out
 
 
-def _contents(messages: list[dict[str, str]]) -> tuple[str | None, list[types.Content]]:
+def _contents(messages: list[dict[str, str]]) -> tuple[str | None, list[Any]]:
+    from google.genai import types
+
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
     turns = [types.Content(role=ROLES[m["role"]], parts=[types.Part(text=m["content"])])
              for m in messages if m["role"] in ROLES]
     return system, turns
 
 
-class GeminiBackend(Backend):
+class GeminiBackend(RemoteBackend):
     type = "gemini"
+    mode = "api"
+    Settings = GeminiSettings
+    provider = "gemini"
 
-    def __init__(self, name: str, client: genai.Client, settings: Any):
-        super().__init__(name)
+    def __init__(self, settings: GeminiSettings, client: Any):
+        super().__init__(settings)
         self.client = client
         self.model = settings.model
         self.key_env = settings.api_key_env
         self.where = settings.base_url or "the Gemini API"
-        self.timeout_s = settings.timeout_s
-        self.max_retries = settings.max_retries
+        self.transport_errors = _transport_errors()
 
     @classmethod
-    def from_settings(cls, settings: Any) -> GeminiBackend:
-        key = os.environ.get(settings.api_key_env, "").strip()
-        if not key:
-            raise BackendError(f"environment variable {settings.api_key_env} (api_key_env of backend "
-                               f"{settings.label}) is not set; export it with your Gemini API key")
+    def from_settings(cls, settings: GeminiSettings) -> GeminiBackend:
+        from google import genai
+        from google.genai import types
+
+        key = api_key(settings, "export it with your Gemini API key")
         options = types.HttpOptions(base_url=settings.base_url, timeout=int(settings.timeout_s * 1000))
         # vertexai=False: never let GOOGLE_GENAI_USE_VERTEXAI in the environment switch the API
-        return cls(settings.label, genai.Client(api_key=key, vertexai=False, http_options=options), settings)
+        return cls(settings, genai.Client(api_key=key, vertexai=False, http_options=options))
 
     def info(self) -> ModelInfo:
-        return ModelInfo(mode="api", name=self.model, provider="gemini")
+        return ModelInfo(mode=self.mode, name=self.model, provider=self.provider)
 
-    def _describe(self, e: errors.APIError) -> str:
+    def classify(self, error: Exception) -> Failure | None:
+        from google.genai import errors
+
+        if isinstance(error, self.transport_errors):
+            return self.no_answer(error)
+        if not isinstance(error, errors.APIError):
+            return None
         fix = {400: "the request was rejected", 401: f"the key in {self.key_env} was refused",
                403: f"the key in {self.key_env} may not use {self.model}",
-               404: f"{self.where} has no model {self.model}; check backends model"}.get(e.code, "the call failed")
-        return f"{fix} (HTTP {e.code} {e.status or ''}): {e.message}"
+               404: f"{self.where} has no model {self.model}; check backends model"}.get(error.code, "the call failed")
+        return Failure(f"{fix} (HTTP {error.code} {error.status or ''}): {error.message}",
+                       transient=error.code in TRANSIENT_CODES)
 
-    def _config(self, request: Request, system: str | None, timeout: float) -> types.GenerateContentConfig:
+    def call(self, request: Request, timeout: float) -> Any:
+        from google.genai import types
+
+        system, contents = _contents(request.messages)
         schema = {"response_mime_type": "application/json",
                   "response_json_schema": gemini_schema(request.schema)} if request.schema else {}
-        return types.GenerateContentConfig(
+        config = types.GenerateContentConfig(
             system_instruction=system, temperature=request.temperature, top_p=request.top_p,
             max_output_tokens=request.max_tokens, http_options=types.HttpOptions(timeout=int(timeout * 1000)),
             **schema)
+        return self.client.models.generate_content(model=self.model, contents=contents, config=config)
 
-    def generate(self, request: Request) -> Generation:
-        started = time.monotonic()
-        system, contents = _contents(request.messages)
-        retries = Retries(self.name, request, self.timeout_s, self.max_retries)
-        while True:
-            timeout = retries.timeout()
-            try:
-                response = self.client.models.generate_content(
-                    model=self.model, contents=contents, config=self._config(request, system, timeout))
-            except errors.APIError as e:
-                if e.code not in TRANSIENT_CODES:
-                    raise BackendError(f"{self.name}: {self._describe(e)}") from None
-                retries.failed(self._describe(e))
-            except TRANSPORT_ERRORS as e:
-                retries.failed(f"{self.where} did not answer ({type(e).__name__}: {e})")
-            else:
-                return self._generation(response, time.monotonic() - started)
-
-    def _generation(self, response: types.GenerateContentResponse, seconds: float) -> Generation:
+    def parse(self, response: Any) -> Reply:
         if not response.candidates:
             blocked = response.prompt_feedback.block_reason if response.prompt_feedback else None
             raise BackendError(f"{self.name}: no answer" + (f" (prompt blocked: {blocked})" if blocked else ""))
@@ -133,27 +131,23 @@ class GeminiBackend(Backend):
         reason_name = getattr(reason, "value", reason) or "STOP"
         if reason_name not in FINISH_REASONS:
             raise BackendError(f"{self.name}: Gemini stopped the answer ({reason_name})")
-        text = response.text or ""
-        if not text.strip():
-            raise BackendError(f"{self.name}: empty answer ({reason_name})")
         usage = response.usage_metadata
-        served = self.info()
-        if response.model_version and response.model_version != self.model:
-            served = ModelInfo(served.mode, served.name, served.provider, response.model_version)
-        return Generation(text=text, prompt_tokens=(usage.prompt_token_count or 0) if usage else 0,
-                          completion_tokens=(usage.candidates_token_count or 0) if usage else 0,
-                          seconds=seconds, backend=self.name, model=served,
-                          finish_reason=FINISH_REASONS[reason_name])
+        return Reply(text=response.text or "", prompt_tokens=(usage.prompt_token_count or 0) if usage else 0,
+                     completion_tokens=(usage.candidates_token_count or 0) if usage else 0,
+                     finish_reason=FINISH_REASONS[reason_name], served_by=response.model_version)
 
     def health(self) -> Health:
         """Look the model up: free, and it checks both the key and the model name."""
+        from google.genai import types
+
         options = types.GetModelConfig(http_options=types.HttpOptions(timeout=int(HEALTH_TIMEOUT_S * 1000)))
         try:
             model = self.client.models.get(model=self.model, config=options)
-        except errors.APIError as e:
-            return Health(False, self._describe(e))
-        except TRANSPORT_ERRORS as e:
-            return Health(False, f"{self.where} did not answer ({type(e).__name__}: {e})")
+        except Exception as e:
+            failure = self.classify(e)
+            if failure is None:
+                raise
+            return Health(False, failure.text)
         return Health(True, f"{self.where} serves {model.name or self.model}")
 
     def close(self) -> None:

@@ -16,12 +16,14 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from backends import llama_lowlevel as ll
-from backends.base import Backend, BackendBusy, BackendError, DeadlineExceeded, Generation, Health, ModelInfo, Request
+from backends.base import (Backend, BackendBusy, BackendError, BackendSettings, DeadlineExceeded, Generation, Health,
+                           ModelInfo, Request)
 from backends.batching import Engine, Job, Load
 from backends.constraint import Vocabulary
 from backends.sizing import Cost, fit_schema, shrink, worst_case
@@ -44,6 +46,50 @@ FUTURE_GRACE_S = 5.0
 MAX_TOKENS_MARGIN = 1.5  # the model may spend more tokens a character than the sample: a safety bound
 WARM_UP_TEXT = ("The lighthouse keeper counted the ships each night, writing their names in a ledger that "
                 "nobody read. " + DENSE_TEXT)
+
+
+class LlamaCppSettings(BackendSettings):
+    type: Literal["llama_cpp"]
+    model_path: str | None = Field(
+        None, description="Q4 GGUF file (first part of a split file). Empty: the embedded SmolLM2 demo model.")
+    n_gpu_layers: int | Literal["auto"] = Field(
+        "auto", description="Layers to offload to the GPU; -1 all, 0 none, auto plans to fit free VRAM.")
+    n_ctx: int | Literal["auto"] = Field("auto", description="Context length in tokens; auto plans it.")
+    flash_attn: bool | Literal["auto"] = Field("auto", description="Flash attention (needed for a quantized V cache).")
+    kv_cache_type: Literal["auto", "f16", "q8_0"] = Field("auto", description="KV cache precision; q8_0 halves it.")
+    vram_gb: float | None = Field(None, gt=0, description="VRAM budget for planning; default: what the GPU reports free.")
+    n_threads: int | None = Field(
+        None, ge=1, le=512, description="CPU threads; default: every core up to 4, half of them beyond (hyperthreads).")
+    n_batch: int = Field(512, ge=32, le=8192, description="Most tokens evaluated in one step, all sequences together.")
+    parallel: int | Literal["auto"] = Field(
+        "auto", description="Requests decoded together, each with n_ctx / parallel tokens of KV cache; auto: as "
+        "many as the context holds the longest answer for (2048 tokens each for Llama-3, 4096 for SmolLM2), up to 8.")
+    seed: int | None = Field(None, ge=0, description="Sampling seed; default: fresh for every request.")
+
+    @field_validator("n_gpu_layers")
+    @classmethod
+    def _layers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < -1:
+            raise ValueError("must be -1 (all), 0 (none), a positive layer count, or auto")
+        return v
+
+    @field_validator("n_ctx", "parallel")
+    @classmethod
+    def _in_range(cls, v: int | str, info: ValidationInfo) -> int | str:
+        lo, hi = {"n_ctx": (512, 131072), "parallel": (1, 64)}[info.field_name]
+        if isinstance(v, int) and not lo <= v <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, or auto")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LlamaCppSettings:
+        if self.kv_cache_type == "q8_0" and self.flash_attn is False:
+            raise ValueError("kv_cache_type q8_0 needs flash_attn (llama.cpp quantizes the V cache only with "
+                             "it): set flash_attn: true or auto, or kv_cache_type: f16")
+        if isinstance(self.parallel, int) and self.parallel > self.n_batch:
+            raise ValueError(f"parallel ({self.parallel}) must not exceed n_batch ({self.n_batch}): every "
+                             f"decoding request needs a token of each step's batch")
+        return self
 
 
 def check_gguf(path: Path) -> None:
@@ -75,7 +121,7 @@ def parallel_for(setting: int | str, n_ctx: int, cells: int) -> int:
     return max(1, min(MAX_AUTO_PARALLEL, n_ctx // cells))
 
 
-def load_planned(path: Path, plan: fit.Plan, settings: Any) -> tuple[ll.Model, ll.Context, fit.Plan, int]:
+def load_planned(path: Path, plan: fit.Plan, settings: LlamaCppSettings) -> tuple[ll.Model, ll.Context, fit.Plan, int]:
     """Load with the plan; when the GPU runs out of memory, retry with fewer layers instead of crashing."""
     while True:
         model = None
@@ -100,11 +146,14 @@ def load_planned(path: Path, plan: fit.Plan, settings: Any) -> tuple[ll.Model, l
 
 class LlamaCppBackend(Backend):
     type = "llama_cpp"
+    mode = "local"
+    Settings = LlamaCppSettings
 
-    def __init__(self, name: str, path: Path, settings: Any, display_name: str | None = None):
+    def __init__(self, name: str, path: Path, settings: LlamaCppSettings, display_name: str | None = None):
         super().__init__(name)
         check_gguf(path)
         self.path = path
+        self.settings = settings
         try:
             profile = load_profile(path)
         except (ValueError, OSError) as e:
@@ -145,7 +194,7 @@ class LlamaCppBackend(Backend):
                  time.monotonic() - started, self.parallel, self.engine.speed.snapshot(), self.plan.table())
 
     @classmethod
-    def from_settings(cls, settings: Any) -> LlamaCppBackend:
+    def from_settings(cls, settings: LlamaCppSettings) -> LlamaCppBackend:
         if settings.model_path:
             return cls(settings.label, Path(settings.model_path).expanduser(), settings)
         try:
@@ -157,7 +206,7 @@ class LlamaCppBackend(Backend):
 
     def info(self) -> ModelInfo:
         return ModelInfo(
-            mode="local", name=self.model_name, provider="llama.cpp", version=ll.version(),
+            mode=self.mode, name=self.model_name, provider="llama.cpp", version=ll.version(),
             parameters={"file": self.path.name, "n_gpu_layers": self.plan.n_gpu_layers, "n_ctx": self.plan.n_ctx,
                         "kv_cache_type": self.plan.kv_cache_type, "flash_attn": self.plan.flash_attn,
                         "parallel": self.parallel})
@@ -192,7 +241,8 @@ class LlamaCppBackend(Backend):
         prompt_estimate = len(self.prompt_tokens(request.messages))
         floor = shrink(request.schema, 0.0) if request.schema and request.resize else request.schema
         floor_cost = self._cost(floor, tpc) if floor else Cost(request.max_tokens, 0)
-        floor_s = tuple(self._seconds(floor_cost, prompt_estimate, n) for n in (1, self.parallel))
+        share = self.engine.prefill_share()
+        floor_s = tuple(self._seconds(floor_cost, prompt_estimate, n, share) for n in (1, self.parallel))
         ticket = self.engine.submit(request.deadline, lambda load: self._prepare(request, tpc, load),
                                     floor_s, request.priority)
         try:  # the engine answers every ticket by its limit; the timeout only guards against a bug there
@@ -215,8 +265,8 @@ class LlamaCppBackend(Backend):
     def _cost(self, schema: dict[str, Any], tpc: float) -> Cost:
         return worst_case(schema, tpc, self.count_tokens)
 
-    def _seconds(self, cost: Cost, prompt_tokens: int, sequences: int) -> float:
-        return self.engine.speed.seconds(cost, prompt_tokens, sequences) * PLAN_MARGIN
+    def _seconds(self, cost: Cost, prompt_tokens: int, sequences: int, prefill_share: float) -> float:
+        return self.engine.speed.seconds(cost, prompt_tokens, sequences) * PLAN_MARGIN / (1 - prefill_share)
 
     def _prepare(self, request: Request, tpc: float, load: Load) -> Job:
         """At admission: size the answer for the load it will run under, then build its prompt and state."""
@@ -252,7 +302,7 @@ class LlamaCppBackend(Backend):
         if request.resize is None or prefix_tokens:  # as asked; a retry continues under the schema it had
             cost = self._cost(request.schema, tpc)
             rest = Cost(max(cost.sampled - prefix_tokens, 0), cost.forced)
-            if cost.bounded and self._seconds(rest, prompt_n, load.sequences) > hard_s:
+            if cost.bounded and self._seconds(rest, prompt_n, load.sequences, load.prefill_share) > hard_s:
                 raise BackendBusy(f"busy: with {load.sequences} answers decoding, the answer cannot be written "
                                   f"in the {hard_s:.0f} s left")
             return request.schema, request.messages, cost, "fixed size"
@@ -264,18 +314,25 @@ class LlamaCppBackend(Backend):
 
         def seconds_of(schema: dict[str, Any]) -> tuple[Cost, float]:
             cost = self._cost(schema, tpc)
-            return cost, (self._seconds(cost, prompt_n, load.sequences) if cost.tokens <= room else math.inf)
+            return cost, (self._seconds(cost, prompt_n, load.sequences, load.prefill_share) if cost.tokens <= room
+                          else math.inf)
 
         sized = fit_schema(request.schema, seconds_of, target_s, hard_s)
         if sized is None:
             raise BackendBusy(f"busy: with {load.sequences} answers decoding, even the smallest answer needs more "
                               f"than the {hard_s:.0f} s left")
-        note = (f"size {sized.scale:.2f} of full for {load.sequences} sequences, worst case "
+        note = (f"size {sized.scale:.2f} of full for {load.sequences} sequences and {load.prefill_share:.0%} "
+                f"prompt time, worst case "
                 f"{sized.cost.tokens:.0f} tokens in {sized.seconds:.1f} s"
                 + (" (past the target)" if sized.past_target else ""))
         return sized.schema, request.resize(sized.schema), sized.cost, note
 
     def health(self) -> Health:
+        asked = self.settings.n_gpu_layers
+        if asked not in ("auto", 0) and self.plan.n_gpu_layers == 0:  # llama.cpp would say nothing of it
+            why = self.plan.notes[0].removeprefix("CPU only: ")
+            return Health(False, f"n_gpu_layers is {asked}, but the model runs on the CPU: {why}; or set "
+                                 f"n_gpu_layers: 0")
         where = f"{self.plan.n_gpu_layers} layers on GPU" if self.plan.n_gpu_layers else "CPU only"
         if not self.engine.alive():
             return Health(False, f"{self.model_name}: the llama.cpp engine has stopped (the log says why); "

@@ -11,20 +11,27 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
-import time
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-import openai
+from pydantic import Field
 
-from backends.base import (HEALTH_TIMEOUT_S, Backend, BackendError, Generation, Health, ModelInfo, Request,
-                           Retries)
+from backends.base import BackendError, Health, ModelInfo, Request
+from backends.remote import HEALTH_TIMEOUT_S, APISettings, Failure, RemoteBackend, Reply, api_key
 
 log = logging.getLogger(__name__)
 
 OPENAI_URL = "https://api.openai.com/v1"  # explicit, so OPENAI_BASE_URL in the environment is never used
 NO_KEY = "none"  # servers without auth still want a non-empty bearer token
+
+
+class OpenAISettings(APISettings):
+    type: Literal["openai"]
+    model: str = Field(..., description="Model name as the server knows it, e.g. gpt-4o-mini.")
+    base_url: str | None = Field(None, description="OpenAI-compatible server (vLLM, llama.cpp server, ollama); empty: OpenAI.")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="Environment variable holding the key; null for servers without one.")
+    structured_output: Literal["json_schema", "json_object"] = Field(
+        "json_schema", description="json_schema sends the task's schema; json_object for servers without it.")
 
 
 def _json_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -43,16 +50,15 @@ def _json_object(schema: dict[str, Any]) -> dict[str, Any]:
 FORMATS: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = [
     ("json_schema", _json_schema), ("json_object+schema", _json_object_with_schema), ("json_object", _json_object)]
 FIRST_FORMAT = {"json_schema": 0, "json_object": 2}
-TRANSIENT = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)  # timeouts included
-FIXES = {
-    openai.AuthenticationError: "the server refused the API key in {key}; check the key",
-    openai.PermissionDeniedError: "the key in {key} may not use model {model}; check the account",
-    openai.NotFoundError: "{where} has no model {model} (or no chat API there); check backends model and base_url",
-    openai.BadRequestError: "{where} rejected the request",
+FIXES = {  # by exception class name: the SDK itself is imported only when this backend is used
+    "AuthenticationError": "the server refused the API key in {key}; check the key",
+    "PermissionDeniedError": "the key in {key} may not use model {model}; check the account",
+    "NotFoundError": "{where} has no model {model} (or no chat API there); check backends model and base_url",
+    "BadRequestError": "{where} rejected the request",
 }
 
 
-def _rejects_format(e: openai.APIStatusError) -> bool:
+def _rejects_format(e: Any) -> bool:
     """Servers say so differently (OpenAI 400, vLLM 400/422, llama-cpp-python 500), but name the field."""
     return e.status_code in (400, 422, 500) and "response_format" in str(e.message)
 
@@ -62,48 +68,51 @@ def _with_schema_in_prompt(messages: list[dict[str, str]], schema: dict[str, Any
     return [{"role": "system", "content": note}, *messages]
 
 
-class OpenAIBackend(Backend):
+class OpenAIBackend(RemoteBackend):
     type = "openai"
+    mode = "api"
+    Settings = OpenAISettings
 
-    def __init__(self, name: str, client: openai.OpenAI, settings: Any):
-        super().__init__(name)
+    def __init__(self, settings: OpenAISettings, client: Any):
+        super().__init__(settings)
         self.client = client
         self.model = settings.model
         self.where = settings.base_url or OPENAI_URL
         self.key_env = settings.api_key_env
-        self.timeout_s = settings.timeout_s
-        self.max_retries = settings.max_retries
         self.provider = "openai" if settings.base_url is None else "openai-compatible"
         self._format = FIRST_FORMAT[settings.structured_output]
         self._format_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Any) -> OpenAIBackend:
-        key = None
-        if settings.api_key_env:
-            key = os.environ.get(settings.api_key_env, "").strip()
-            if not key:
-                raise BackendError(
-                    f"environment variable {settings.api_key_env} (api_key_env of backend {settings.label}) is not "
-                    f"set; export it, or set api_key_env: null for a server that needs no key")
-        elif settings.base_url is None:
+    def from_settings(cls, settings: OpenAISettings) -> OpenAIBackend:
+        import openai
+
+        if settings.api_key_env is None and settings.base_url is None:
             raise BackendError(f"backend {settings.label}: OpenAI needs a key; set api_key_env to the name of "
                                f"the environment variable that holds it")
+        key = api_key(settings, "export it, or set api_key_env: null for a server that needs no key")
         client = openai.OpenAI(api_key=key or NO_KEY, base_url=settings.base_url or OPENAI_URL,
                                timeout=settings.timeout_s, max_retries=0)
-        return cls(settings.label, client, settings)
+        return cls(settings, client)
 
     def info(self) -> ModelInfo:
-        return ModelInfo(mode="api", name=self.model, provider=self.provider,
+        return ModelInfo(mode=self.mode, name=self.model, provider=self.provider,
                          parameters={"structured_output": FORMATS[self._format][0]})
 
-    def _describe(self, e: openai.APIError) -> str:
-        fix = next((text for cls, text in FIXES.items() if isinstance(e, cls)), "the call failed")
-        status = getattr(e, "status_code", None)
-        return (f"{fix.format(key=self.key_env, model=self.model, where=self.where)}"
-                f"{f' (HTTP {status})' if status else ''}: {e.message}")
+    def classify(self, error: Exception) -> Failure | None:
+        import openai
 
-    def _step_down(self, e: openai.APIStatusError, used: int) -> bool:
+        if isinstance(error, openai.APIConnectionError):  # timeouts included
+            return self.no_answer(error)
+        if not isinstance(error, openai.APIError):
+            return None
+        fix = next((text for name, text in FIXES.items() if type(error).__name__ == name), "the call failed")
+        status = getattr(error, "status_code", None)
+        text = (f"{fix.format(key=self.key_env, model=self.model, where=self.where)}"
+                f"{f' (HTTP {status})' if status else ''}: {error.message}")
+        return Failure(text, transient=isinstance(error, (openai.RateLimitError, openai.InternalServerError)))
+
+    def _step_down(self, e: Any, used: int) -> bool:
         """After the server refused response format `used`, move to the next one; False if none is left."""
         with self._format_lock:
             if used + 1 >= len(FORMATS):
@@ -113,67 +122,52 @@ class OpenAIBackend(Backend):
                     FORMATS[used][0], e.message[:120], FORMATS[self._format][0])
         return True
 
-    def _create(self, request: Request, timeout: float, fmt: int):
-        messages = request.messages
-        extra: dict[str, Any] = {}
-        if request.schema is not None:
-            name, make = FORMATS[fmt]
-            extra["response_format"] = make(request.schema)
-            if name == "json_object":
-                messages = _with_schema_in_prompt(messages, request.schema)
-        return self.client.chat.completions.create(
-            model=self.model, messages=messages, max_tokens=request.max_tokens, temperature=request.temperature,
-            top_p=request.top_p, timeout=timeout, **extra)
+    def call(self, request: Request, timeout: float) -> Any:
+        """A server that refuses the JSON format is asked again at once with the next one."""
+        import openai
 
-    def generate(self, request: Request) -> Generation:
-        started = time.monotonic()
-        retries = Retries(self.name, request, self.timeout_s, self.max_retries)
         while True:
-            timeout = retries.timeout()
             fmt = self._format
+            messages = request.messages
+            extra: dict[str, Any] = {}
+            if request.schema is not None:
+                name, make = FORMATS[fmt]
+                extra["response_format"] = make(request.schema)
+                if name == "json_object":
+                    messages = _with_schema_in_prompt(messages, request.schema)
             try:
-                response = self._create(request, timeout, fmt)
+                return self.client.chat.completions.create(
+                    model=self.model, messages=messages, max_tokens=request.max_tokens,
+                    temperature=request.temperature, top_p=request.top_p,
+                    timeout=min(timeout, max(request.seconds_left(), 0.1)), **extra)
             except openai.APIStatusError as e:
-                if request.schema is not None and _rejects_format(e) and self._step_down(e, fmt):
-                    continue
-                if not isinstance(e, TRANSIENT):
-                    raise BackendError(f"{self.name}: {self._describe(e)}") from None
-                retries.failed(self._describe(e))
-            except openai.APIConnectionError as e:
-                retries.failed(f"{self.where} did not answer ({type(e).__name__}: {e})")
-            except openai.APIError as e:
-                raise BackendError(f"{self.name}: {self._describe(e)}") from None
-            else:
-                return self._generation(response, time.monotonic() - started)
+                if not (request.schema is not None and _rejects_format(e) and self._step_down(e, fmt)):
+                    raise
 
-    def _generation(self, response: Any, seconds: float) -> Generation:
+    def parse(self, response: Any) -> Reply:
         if not response.choices:
             raise BackendError(f"{self.name}: {self.where} answered with no choices")
         choice = response.choices[0]
         refusal = getattr(choice.message, "refusal", None)
         if refusal:
             raise BackendError(f"{self.name}: the model refused: {refusal}")
-        text = choice.message.content or ""
-        if not text.strip():
-            raise BackendError(f"{self.name}: empty answer (finish_reason {choice.finish_reason})")
         usage = response.usage
-        served = self.info()
-        if response.model and response.model != self.model:  # e.g. the dated snapshot OpenAI really used
-            served = ModelInfo(served.mode, served.name, served.provider, response.model, served.parameters)
-        return Generation(text=text, prompt_tokens=usage.prompt_tokens if usage else 0,
-                          completion_tokens=usage.completion_tokens if usage else 0, seconds=seconds,
-                          backend=self.name, model=served,
-                          finish_reason="length" if choice.finish_reason == "length" else "stop")
+        return Reply(text=choice.message.content or "", prompt_tokens=usage.prompt_tokens if usage else 0,
+                     completion_tokens=usage.completion_tokens if usage else 0,
+                     finish_reason="length" if choice.finish_reason == "length" else "stop",
+                     served_by=response.model)
 
     def health(self) -> Health:
         """List the server's models (free; checks the key and the model name). A model the list lacks
         (or a server without a list) gets a one-token completion: some servers take names they don't list."""
+        import openai
+
         try:
             ids = [m.id for m in self.client.models.list(timeout=HEALTH_TIMEOUT_S).data]
         except openai.NotFoundError:
             ids = []
         except openai.APIError as e:
-            return Health(False, self._describe(e))
+            return Health(False, self.classify(e).text)
         if self.model in ids:
             return Health(True, f"{self.where} serves {self.model}")
         try:
@@ -181,7 +175,7 @@ class OpenAIBackend(Backend):
                                                 messages=[{"role": "user", "content": "Say OK."}])
         except openai.APIError as e:
             listed = f"; it lists: {', '.join(ids[:8])}" if ids else ""
-            return Health(False, self._describe(e) + listed)
+            return Health(False, self.classify(e).text + listed)
         unlisted = f" (not in its model list: {', '.join(ids[:8])})" if ids else ""
         return Health(True, f"{self.where} answered a one-token request for {self.model}{unlisted}")
 

@@ -6,11 +6,12 @@ import json
 import logging
 import signal
 import sys
-from pathlib import Path
 from importlib import import_module
+from pathlib import Path
 from typing import Any
 
-from miner.config import Config, ConfigError, load_config
+from miner.config import Config, load_config
+from miner.errors import ConfigError
 
 log = logging.getLogger("miner")
 

@@ -7,106 +7,23 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(Exception):
-    """The configuration cannot be used; the message names the file and key."""
+from backends import REGISTRY, settings_classes
+from backends.llama_cpp import LlamaCppSettings
+from miner.errors import ConfigError
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class _BackendBase(_Strict):
-    name: str | None = Field(None, description="Label used in logs and health output; defaults to the type.")
-
-    @property
-    def label(self) -> str:
-        return self.name or self.type  # type: ignore[attr-defined]
-
-
-class LlamaCppSettings(_BackendBase):
-    type: Literal["llama_cpp"]
-    model_path: str | None = Field(
-        None, description="Q4 GGUF file (first part of a split file). Empty: the embedded SmolLM2 demo model.")
-    n_gpu_layers: int | Literal["auto"] = Field(
-        "auto", description="Layers to offload to the GPU; -1 all, 0 none, auto plans to fit free VRAM.")
-    n_ctx: int | Literal["auto"] = Field("auto", description="Context length in tokens; auto plans it.")
-    flash_attn: bool | Literal["auto"] = Field("auto", description="Flash attention (needed for a quantized V cache).")
-    kv_cache_type: Literal["auto", "f16", "q8_0"] = Field("auto", description="KV cache precision; q8_0 halves it.")
-    vram_gb: float | None = Field(None, gt=0, description="VRAM budget for planning; default: what the GPU reports free.")
-    n_threads: int | None = Field(
-        None, ge=1, le=512, description="CPU threads; default: every core up to 4, half of them beyond (hyperthreads).")
-    n_batch: int = Field(512, ge=32, le=8192, description="Most tokens evaluated in one step, all sequences together.")
-    parallel: int | Literal["auto"] = Field(
-        "auto", description="Requests decoded together, each with n_ctx / parallel tokens of KV cache; auto: as "
-        "many as the context holds the longest answer for (2048 tokens each for Llama-3, 4096 for SmolLM2), up to 8.")
-    seed: int | None = Field(None, ge=0, description="Sampling seed; default: fresh for every request.")
-
-    @field_validator("n_gpu_layers")
-    @classmethod
-    def _layers(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < -1:
-            raise ValueError("must be -1 (all), 0 (none), a positive layer count, or auto")
-        return v
-
-    @field_validator("n_ctx", "parallel")
-    @classmethod
-    def _in_range(cls, v: int | str, info: ValidationInfo) -> int | str:
-        lo, hi = {"n_ctx": (512, 131072), "parallel": (1, 64)}[info.field_name]
-        if isinstance(v, int) and not lo <= v <= hi:
-            raise ValueError(f"must be between {lo} and {hi}, or auto")
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> LlamaCppSettings:
-        if self.kv_cache_type == "q8_0" and self.flash_attn is False:
-            raise ValueError("kv_cache_type q8_0 needs flash_attn (llama.cpp quantizes the V cache only with "
-                             "it): set flash_attn: true or auto, or kv_cache_type: f16")
-        if isinstance(self.parallel, int) and self.parallel > self.n_batch:
-            raise ValueError(f"parallel ({self.parallel}) must not exceed n_batch ({self.n_batch}): every "
-                             f"decoding request needs a token of each step's batch")
-        return self
-
-
-class OpenAISettings(_BackendBase):
-    type: Literal["openai"]
-    model: str = Field(..., description="Model name as the server knows it, e.g. gpt-4o-mini.")
-    base_url: str | None = Field(None, description="OpenAI-compatible server (vLLM, llama.cpp server, ollama); empty: OpenAI.")
-    api_key_env: str | None = Field("OPENAI_API_KEY", description="Environment variable holding the key; null for servers without one.")
-    structured_output: Literal["json_schema", "json_object"] = Field(
-        "json_schema", description="json_schema sends the task's schema; json_object for servers without it.")
-    timeout_s: float = Field(20.0, gt=0, le=120, description="Per-call timeout, capped by the request deadline.")
-    max_retries: int = Field(1, ge=0, le=5, description="Retries on timeouts and 5xx while the deadline allows.")
-
-
-class GeminiSettings(_BackendBase):
-    type: Literal["gemini"]
-    model: str = Field("gemini-2.0-flash", description="Gemini model name.")
-    api_key_env: str = Field("GEMINI_API_KEY", description="Environment variable holding the key.")
-    base_url: str | None = Field(None, description="Override the API endpoint (proxies, tests).")
-    timeout_s: float = Field(20.0, gt=0, le=120, description="Per-call timeout, capped by the request deadline.")
-    max_retries: int = Field(1, ge=0, le=5, description="Retries on timeouts, 429 and 5xx while the deadline allows.")
-
-
-class CustomSettings(_BackendBase):
-    type: Literal["custom"]
-    command: list[str] = Field(..., min_length=1, description="Argv of a program: request JSON on stdin, answer JSON on stdout.")
-    cwd: str | None = Field(None, description="Working directory for the command.")
-    timeout_s: float = Field(25.0, gt=0, le=120, description="Kill the command after this long (and at the deadline).")
-
-
-BackendSettings = Annotated[
-    Union[LlamaCppSettings, OpenAISettings, GeminiSettings, CustomSettings], Field(discriminator="type")]
-
-
-# The `type:` values, read off the settings classes above.
-BACKEND_TYPES = tuple(get_args(m.model_fields["type"].annotation)[0]
-                      for m in get_args(get_args(BackendSettings)[0]))
+# A `backends:` entry is the settings of the backend type it names (each backend module holds its own).
+BackendSettings = Annotated[Union[settings_classes()], Field(discriminator="type")]  # type: ignore[valid-type]
+BACKEND_TYPES = tuple(REGISTRY)
 
 
 class WalletSettings(_Strict):
@@ -187,7 +104,7 @@ class Config(_Strict):
     health: HealthSettings = Field(default_factory=HealthSettings)
     resync_s: float = Field(600.0, ge=30, le=86400, description="How often chain mode resyncs the metagraph.")
     backends: list[BackendSettings] = Field(
-        default_factory=lambda: [LlamaCppSettings(type="llama_cpp")],
+        default_factory=lambda: [LlamaCppSettings(type="llama_cpp")],  # the embedded demo model
         min_length=1, description="Tried in this order; the first that can serve answers.")
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import yaml
 
-from miner.config import ConfigError
+from miner.errors import ConfigError
 from models import catalog
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from bittensor_wallet import Wallet
 
 from miner import __version__
 from miner.config import Config
-from miner.health import HealthMonitor
+from miner.health_monitor import HealthMonitor
 from miner.protocol import StoryGenerationSynapse, unknown_model_info
 from miner.service import StoryService
 

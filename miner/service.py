@@ -78,7 +78,7 @@ class StoryService:
     def prepare(self, fields: dict[str, Any]) -> tuple[TaskSpec, Context]:
         """Validate a request's fields into a task spec and its context; raise TaskInputError if unusable."""
         task_type = fields.get("task_type")
-        if task_type not in TASKS:
+        if not isinstance(task_type, str) or task_type not in TASKS:
             raise TaskInputError(f"task_type must be one of {', '.join(TASKS)}, got {task_type!r}")
         spec = TASKS[task_type]
         s = self.settings

@@ -40,7 +40,7 @@ from backends import llama_lowlevel as ll  # noqa: E402
 from backends.base import Request  # noqa: E402
 from backends.llama_cpp import LlamaCppBackend, default_threads  # noqa: E402
 from miner import examples  # noqa: E402
-from miner.config import LlamaCppSettings  # noqa: E402
+from backends.llama_cpp import LlamaCppSettings  # noqa: E402
 from miner.tasks import TASKS, ContractError, Context, parse_json_object  # noqa: E402
 from miner.tasks.common import language_sample  # noqa: E402
 

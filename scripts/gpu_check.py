@@ -88,6 +88,7 @@ def cmd_failed(args) -> int:
 
 def cmd_rest(args) -> int:
     import llama_cpp  # built a moment ago, with CUDA
+
     from models.quantize import quantize
     report = Report(args.out)
     report.add("build", llama_cpp.llama_supports_gpu_offload(), args.build_seconds,
@@ -151,10 +152,11 @@ def cmd_serve(args) -> int:
     """In its own process: load with the 6 GiB plan, measure what that added, answer each task once."""
     before = vram_used_mib()
     import llama_cpp  # noqa: F401  (before numpy: the other order made CUDA loading segfault)
+
     from backends.chain import BackendState, Chain
-    from backends.llama_cpp import LlamaCppBackend
+    from backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
     from miner import examples
-    from miner.config import GenerationSettings, LlamaCppSettings
+    from miner.config import GenerationSettings
     from miner.service import StoryService
     from miner.tasks import TASKS
     backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="gpu", model_path=str(args.model),

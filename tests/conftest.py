@@ -9,7 +9,7 @@ with contextlib.suppress(ImportError):
 
 import pytest
 
-from miner.config import LlamaCppSettings
+from backends.llama_cpp import LlamaCppSettings
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,16 @@ import pytest
 from backends import llama_lowlevel as ll
 from backends.base import BackendBusy, BackendError, DeadlineExceeded, Request
 from backends.batching import Job
+from backends.chain import BackendState, Chain
 from backends.constraint import Matcher
-from backends.llama_cpp import LlamaCppBackend
+from backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
 from miner import examples
-from miner.config import GenerationSettings, LlamaCppSettings
+from miner.config import GenerationSettings
 from miner.service import StoryService
 from miner.tasks import TASKS, Context
 from miner.tasks.common import obj, text
-from backends.chain import BackendState, Chain
+
+pytestmark = pytest.mark.slow  # the embedded model decoding real answers
 
 
 def validators_request(service: StoryService, task: str, prompt: int = 0, hard_s: float = 55.0,

@@ -169,6 +169,7 @@ def test_unknown_names_list_the_choices() -> None:
 
 # ---- downloads ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dropped_connection_resumes_with_range_and_verifies(hub: FakeHub, tmp_path: Path) -> None:
     data = payload(CHUNK + CHUNK // 2, seed=1)
     hub.add("tester/Tiny-GGUF", "tiny-Q4_K_M.gguf", data)
@@ -187,6 +188,7 @@ def test_dropped_connection_resumes_with_range_and_verifies(hub: FakeHub, tmp_pa
     assert hub.gets() == gets  # already there and verified: nothing fetched again
 
 
+@pytest.mark.slow
 def test_killed_download_resumes_on_the_next_run(hub: FakeHub, tmp_path: Path) -> None:
     quant = catalog.get("llama-3.1-8b").quant("Q4_K_M")
     key = f"{quant.repo}/{quant.files[0]}"

@@ -15,10 +15,11 @@ import pytest
 import backends
 from backends.base import Backend, BackendError, Generation, Health, ModelInfo, Request
 from backends.chain import AllBackendsFailed, BackendState, Chain
+from backends.custom_command import CustomSettings
+from backends.openai_api import OpenAIBackend, OpenAISettings
 from backends.sizing import shrink
-from backends.openai_api import OpenAIBackend
 from miner import examples
-from miner.config import ChainSettings, CustomSettings, GenerationSettings, OpenAISettings
+from miner.config import ChainSettings, GenerationSettings
 from miner.service import StoryService
 from tests.scripted_http import ScriptedHTTP
 
@@ -163,6 +164,7 @@ def cloud(api: ScriptedHTTP, **kw) -> OpenAISettings:
                              "api_key_env": None, **kw})
 
 
+@pytest.mark.slow
 def test_a_stalled_api_gives_way_to_the_next_backend(api, writer):
     api.replies.append(("stall", 8))
     svc = service(cloud(api, timeout_s=2, max_retries=0), writer)
@@ -172,6 +174,7 @@ def test_a_stalled_api_gives_way_to_the_next_backend(api, writer):
     assert "did not answer" in svc.chain.states[0].last_error and "Timeout" in svc.chain.states[0].last_error
 
 
+@pytest.mark.slow
 def test_an_api_stalled_past_the_deadline_leaves_a_clear_error_not_a_placeholder(api, writer):
     api.replies.append(("stall", 8))
     svc = service(cloud(api, timeout_s=20, max_retries=0), writer)

@@ -7,8 +7,12 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from miner.demo import free_port
 from miner.tasks import TASKS, Context
+
+pytestmark = pytest.mark.slow  # miner processes with the embedded model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,9 +4,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from backends import backend_class
+from backends.llama_cpp import LlamaCppSettings
 from miner.cli import _load, build_parser
-from miner.config import (Config, ConfigError, CustomSettings, GeminiSettings, LlamaCppSettings, OpenAISettings,
-                          load_config)
+from miner.config import Config, load_config
+from miner.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,9 +47,7 @@ def test_every_config_key_is_in_the_example_file():
     sections.update({name: (Config.model_fields[name].annotation, documented[name])
                      for name in documented if isinstance(documented[name], dict)})
     for backend in documented["backends"]:
-        model = {"llama_cpp": LlamaCppSettings, "openai": OpenAISettings, "gemini": GeminiSettings,
-                 "custom": CustomSettings}[backend["type"]]
-        sections[backend["type"]] = (model, backend)
+        sections[backend["type"]] = (backend_class(backend["type"]).Settings, backend)
     for name, (model, keys) in sections.items():
         missing = set(model.model_fields) - set(keys)
         assert not missing, f"{name or 'top level'}: {sorted(missing)} not documented in config.example.yaml"

@@ -1,13 +1,14 @@
 """llguidance on the embedded model's real vocabulary: every task schema compiles, strings stop exactly at
 their maxLength, forced text comes as tokens, and the mask leaves only what the schema allows."""
 import json
+import re
 
 import numpy as np
 import pytest
 
 from backends import llama_lowlevel as ll
 from backends.base import BackendError
-from backends.constraint import Masks, Vocabulary
+from backends.constraint import SPACES, Masks, Vocabulary
 from backends.sizing import skeleton
 from miner import examples
 from miner.tasks import TASKS, Context
@@ -103,3 +104,13 @@ def test_a_short_string_cannot_be_only_spaces(model, vocab):
     feed(model, matcher, '{"skills":["')
     with pytest.raises(BackendError, match="refused a token"):
         feed(model, matcher, "  ")
+
+
+def test_no_space_the_contract_strips_may_start_a_short_string(model, vocab):
+    every = "".join(map(chr, range(0x110000)))
+    assert re.findall(f"[{SPACES}]", every) == [c for c in every if c.isspace()]  # what str.strip() removes
+    for space in ("\u3000", "\xa0", "\\u001f", "\\u001c"):  # the last two are JSON escapes: \S let them by
+        matcher = vocab.matcher(obj(skills=texts(2, 3, 2, 20)))
+        feed(model, matcher, '{"skills":["')
+        with pytest.raises(BackendError, match="refused a token"):
+            feed(model, matcher, space * 2)

@@ -29,6 +29,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from models.convert import ConversionError, convert, ensure_space
 from scripts.convert_model import main
 
+pytestmark = pytest.mark.slow  # torch and real conversions
+
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = [
     "Hello world, it's a fine day in 2024! We'll see what they've done.",

@@ -12,12 +12,12 @@ import pytest
 
 from backends.base import BackendError, Request
 from backends.chain import Chain
-from backends.gemini_api import GeminiBackend, gemini_schema
+from backends.gemini_api import GeminiBackend, GeminiSettings, gemini_schema
 from miner import examples
-from tests.scripted_http import ScriptedHTTP
-from miner.config import ChainSettings, GeminiSettings, GenerationSettings
+from miner.config import ChainSettings, GenerationSettings
 from miner.service import StoryService
 from miner.tasks import TASKS, Context
+from tests.scripted_http import ScriptedHTTP
 
 KEY_ENV = "STORYFI_TEST_GEMINI_KEY"
 MODEL = "gemini-2.0-flash"
@@ -114,6 +114,7 @@ def test_a_blocked_answer_is_a_failure_not_text(fake, key):
         GeminiBackend.from_settings(settings(fake.url)).generate(request())
 
 
+@pytest.mark.slow
 def test_a_stalled_server_is_cut_off_at_the_request_deadline(fake, key):
     fake.replies.extend([("stall", 6)] * 3)
     backend = GeminiBackend.from_settings(settings(fake.url, timeout_s=30, max_retries=0))

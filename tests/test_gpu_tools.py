@@ -1,5 +1,5 @@
 """The GPU proof's CPU half: the synthetic model writer at a tiny shape, the carry folder, and the check's
-behaviour without a GPU. The marked slow test rehearses the check's Python steps end to end on the CPU."""
+behaviour without a GPU. The test marked long rehearses the check's Python steps end to end on the CPU."""
 import json
 import os
 import shutil
@@ -13,10 +13,11 @@ import gguf
 import pytest
 
 from backends.base import Request
-from backends.llama_cpp import LlamaCppBackend
-from miner.config import LlamaCppSettings
+from backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
 from models.embedded import embedded_model_path
 from models.synthetic import make
+
+pytestmark = pytest.mark.slow  # llama.cpp runs and a PyPI download
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +80,7 @@ def test_gpu_prepare_makes_a_carry_folder_that_fits(tmp_path):
     assert not any("/vendor/llama.cpp/docs/" in n for n in names)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_the_gpu_check_steps_rehearse_on_the_cpu(tmp_path):
     """gpu_check.py's steps with the tiny shape: what the device call will run, less the CUDA build."""
     work, out = tmp_path / "work", tmp_path / "out"

@@ -18,10 +18,12 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from backends.chain import Chain
-from miner.config import ConfigError, load_config
+from backends.chain import BackendStatus, Chain
+from miner.config import load_config
 from miner.demo import free_port, make_wallet
-from miner.health import HealthServer, main
+from miner.errors import ConfigError
+from miner.health import AxonState, HealthReport, main
+from miner.health_monitor import HealthServer
 from miner.neuron import Miner
 from miner.service import StoryService
 
@@ -48,6 +50,7 @@ def run(capsys, config: Path, *flags: str) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_healthy_when_the_first_backend_serves(tmp_path, capsys):
     config = config_file(tmp_path, f"""
         - type: llama_cpp
@@ -103,6 +106,7 @@ def test_down_when_the_config_is_broken(tmp_path, capsys):
     assert "must be between 512 and 131072" in report["summary"]
 
 
+@pytest.mark.slow
 def test_gpu_layers_asked_of_a_build_without_gpu_offload_are_flagged(tmp_path, capsys):
     config = config_file(tmp_path, f"""
         - type: llama_cpp
@@ -116,7 +120,8 @@ def test_gpu_layers_asked_of_a_build_without_gpu_offload_are_flagged(tmp_path, c
     if llama_cpp.llama_supports_gpu_offload():
         assert code == 0 and local["ok"]
     else:
-        assert code == 1 and not local["ok"] and "cannot offload to a GPU" in local["detail"]
+        assert code == 1 and not local["ok"] and "n_gpu_layers is -1, but the model runs on the CPU" in local["detail"]
+        assert "has no GPU offload" in local["detail"] and "CMAKE_ARGS" in local["detail"]
 
 
 def get_health(port: int) -> tuple[int, dict]:
@@ -152,6 +157,7 @@ def running_miner(tmp_path):
             service.chain.close()
 
 
+@pytest.mark.slow
 def test_a_running_miner_serves_its_health_and_rechecks_it(running_miner, capsys, caplog):
     miner, path, port, first, second = running_miner
     status, report = get_health(port)
@@ -160,7 +166,7 @@ def test_a_running_miner_serves_its_health_and_rechecks_it(running_miner, capsys
     assert code == 0 and json.loads(out)["checked_by"].startswith("running miner")
 
     first.write_text(f"#!{sys.executable}\n{BAD}")
-    with caplog.at_level(logging.INFO, logger="miner.health"):
+    with caplog.at_level(logging.INFO, logger="miner.health_monitor"):
         for _ in range(40):  # the periodic re-check (every 5 s) notices, and logs the change
             status, report = get_health(port)
             if report["status"] != "healthy" and "health: degraded" in caplog.text:
@@ -178,16 +184,32 @@ def test_a_running_miner_serves_its_health_and_rechecks_it(running_miner, capsys
 
 
 def test_the_health_server_serves_only_health_and_names_a_busy_port():
-    server = HealthServer("127.0.0.1", 0, lambda: {"status": "healthy", "exit_code": 0})
+    report = HealthReport.down("nothing here", "test.yaml", "a test")
+    server = HealthServer("127.0.0.1", 0, lambda: report)
     server.start()
     try:
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10)
         assert e.value.code == 404
-        assert get_health(server.port) == (200, {"status": "healthy", "exit_code": 0})
+        status, served = get_health(server.port)
+        assert status == 503 and HealthReport.from_json(served) == report
         with pytest.raises(ConfigError, match=f"health.port {server.port}.*0 to turn GET /health off"):
-            HealthServer("127.0.0.1", server.port, dict)
+            HealthServer("127.0.0.1", server.port, lambda: report)
     finally:
         server.stop()
     with pytest.raises(ConnectionRefusedError):  # stopped: nothing listens there any more
         socket.create_connection(("127.0.0.1", server.port), timeout=5)
+
+
+def test_a_report_survives_json_and_refuses_what_is_not_one():
+    backends = [BackendStatus("local", "llama_cpp", "local", False, "model file gone", 12.0, 3),
+                BackendStatus("spare", "custom", "custom", True, "answered", 0.0, 1)]
+    report = HealthReport.of(backends, AxonState("127.0.0.1:8091", True, "accepting connections"), "c.yaml", "test")
+    assert (report.status, report.exit_code, report.serving) == ("degraded", 1, "spare")
+    data = json.loads(json.dumps(report.to_json()))
+    assert data["exit_code"] == 1 and data["backends"][0]["detail"] == "model file gone"
+    assert HealthReport.from_json(data) == report
+    assert report.render().splitlines()[0] == "DEGRADED (exit 1): serving on fallback spare (local is down)"
+    for broken in ({}, {"status": "fine"}, {**data, "backends": [{"name": "x"}]}, [1, 2]):
+        with pytest.raises(ValueError):
+            HealthReport.from_json(broken)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from miner.config import ConfigError, load_config
+from miner.config import load_config
+from miner.errors import ConfigError
 
 # Shaped like the old design's config/generator_config.yaml.example (mode api, Gemini, a local fallback).
 LOGGER = "miner.legacy_config"  # named: importing bittensor mutes loggers that exist by then

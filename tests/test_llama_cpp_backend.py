@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 
 from backends.base import BackendError, Request
-from backends.llama_cpp import LlamaCppBackend, cells_per_request, parallel_for
-from miner.config import LlamaCppSettings
+from backends.llama_cpp import (
+    LlamaCppBackend,
+    LlamaCppSettings,
+    cells_per_request,
+    parallel_for,
+)
 from miner.tasks import TASKS, Context
 from models.embedded import embedded_model_path
+
+pytestmark = pytest.mark.slow  # the embedded model
 
 
 def settings(path) -> LlamaCppSettings:

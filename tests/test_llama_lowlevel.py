@@ -7,6 +7,8 @@ import pytest
 from backends import llama_lowlevel as ll
 from models.embedded import embedded_model_path
 
+pytestmark = pytest.mark.slow  # the embedded model
+
 PROMPT = "The lighthouse keeper counted the ships each night."
 
 

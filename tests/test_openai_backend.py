@@ -14,13 +14,15 @@ import pytest
 
 from backends.base import BackendError, Request
 from backends.chain import Chain
-from backends.openai_api import OpenAIBackend
+from backends.openai_api import OpenAIBackend, OpenAISettings
 from miner import examples
-from miner.config import ChainSettings, OpenAISettings, load_config
+from miner.config import ChainSettings, load_config
 from miner.demo import free_port
 from miner.health import main as health_main
 from miner.service import StoryService
 from models.embedded import embedded_model_path
+
+pytestmark = pytest.mark.slow  # llama-cpp-python's server with the embedded model
 
 ALIAS = "smollm2"
 MISSING_ENV = "STORYFI_TEST_KEY_THAT_IS_NOT_SET"

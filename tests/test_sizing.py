@@ -48,9 +48,22 @@ def test_speed_interpolates_between_what_it_measured_and_follows_new_steps():
     assert speed.step_s(1) == 0.010 and speed.step_s(2) == pytest.approx(0.015)
     assert speed.step_s(8) == pytest.approx(0.045)  # past the last point, on the same line
     assert speed.seconds(Cost(sampled=100, forced=50), prompt_tokens=150, n=1) == pytest.approx(1.0 + 1.0)
-    for _ in range(100):
+    for _ in range(2000):
         speed.observe_step(1, 0.020)
-    assert speed.step_s(1) == pytest.approx(0.020, rel=1e-3)
+    assert speed.step_s(1) == pytest.approx(0.020, rel=0.01)
+
+
+def test_steps_grow_with_the_context_attended_to_and_plans_count_it():
+    speed = Speed(200.0, {1: 0.010, 2: 0.014})
+    flat = speed.seconds(Cost(sampled=2000, forced=0), prompt_tokens=800, n=2)
+    assert flat == pytest.approx(2000 * 0.014 + 800 / 200)
+    for cells in range(200, 2200):  # one answer growing, as the engine reports its steps
+        speed.observe_step(1, 0.010 + 3e-6 * cells, cells)
+    assert speed.per_cell() == pytest.approx(3e-6, rel=0.01)
+    assert speed.step_s(1, 3000) == pytest.approx(0.019, rel=0.01)
+    assert speed.step_s(2, 1000) == pytest.approx(0.014 + 3e-6 * 1000, rel=0.01)  # 2's line borrows the slope
+    grown = speed.seconds(Cost(sampled=2000, forced=0), prompt_tokens=800, n=2)
+    assert grown == pytest.approx(2000 * (0.014 + 3e-6 * 2 * (800 + 1000)) + 800 / 200, rel=0.01)
 
 
 def seconds_of(model, speed, tokens_per_char, n):

@@ -60,6 +60,22 @@ def test_a_broken_answer_names_the_problem(task, change, message):
         TASKS[task].check(broken(task, change), CTX)
 
 
+def test_the_blueprint_schema_and_its_check_hold_the_same_bounds():
+    properties = TASKS["blueprint"].schema(CTX)["properties"]
+    for key, field in properties.items():
+        if field["type"] == "string":
+            lo, hi, value = field["minLength"], field["maxLength"], lambda n: "字" * n
+        else:
+            lo, hi, value = field["minItems"], field["maxItems"], lambda n: ["主题"] * n
+        for n, passes in ((lo, True), (hi, True), (lo - 1, False), (hi + 1, False)):
+            answer = {**GOOD["blueprint"], key: value(n)}
+            if passes:
+                assert TASKS["blueprint"].check(answer, CTX) == answer
+            else:
+                with pytest.raises(ContractError, match=key):
+                    TASKS["blueprint"].check(answer, CTX)
+
+
 def test_repeated_consequences_are_retried_from_the_repeat_only():
     answer = broken("chapters", BREAKS[-1][1])
     with pytest.raises(ContractError) as err:

@@ -5,9 +5,12 @@ from typing import Any
 
 from miner.tasks.common import about, at, check_str, check_str_list, obj, text, texts
 
-# (field, min chars, max chars): the contract's bounds where it sets them, sane ones elsewhere.
+# Characters of each field: the contract's bounds where it sets them, sane ones elsewhere. The schema and
+# the check both read these.
 BOUNDS = {"title": (2, 60), "genre": (2, 40), "setting": (50, 300), "core_conflict": (30, 200),
           "tone": (2, 60), "target_audience": (2, 80)}
+THEMES = (2, 5)  # items, each of THEME characters
+THEME = (2, 40)
 
 
 def instructions(ctx, schema: dict[str, Any]) -> str:
@@ -18,9 +21,10 @@ def instructions(ctx, schema: dict[str, Any]) -> str:
 
 
 def schema(ctx) -> dict[str, Any]:
-    return obj(
-        title=text(2, 60), genre=text(2, 40), setting=text(50, 299), core_conflict=text(30, 199),
-        themes=texts(2, 4, 2, 40), tone=text(2, 60), target_audience=text(2, 80))
+    fields = {key: text(*BOUNDS[key]) for key in ("title", "genre", "setting", "core_conflict")}
+    fields["themes"] = texts(*THEMES, *THEME)
+    fields.update({key: text(*BOUNDS[key]) for key in ("tone", "target_audience")})
+    return obj(**fields)
 
 
 def max_tokens(ctx) -> int:
@@ -31,5 +35,5 @@ def check(answer: dict, ctx) -> list[str]:
     problems: list[str] = []
     for key, (lo, hi) in BOUNDS.items():
         check_str(problems, answer, key, lo, hi)
-    check_str_list(problems, answer, "themes", 2, 5)
+    check_str_list(problems, answer, "themes", *THEMES)
     return problems

@@ -1,0 +1,145 @@
+"""What every backend that calls out (an API, a program) shares: tries inside the request's deadline,
+retries of transient failures, the error texts, the key from the environment, and model_info naming the
+model that really served. A provider supplies three hooks: `call` makes one try, `classify` says what a
+failure means, `parse` reads the answer; and its own `health`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field
+
+from backends.base import (Backend, BackendError, BackendSettings, DeadlineExceeded, Generation, ModelInfo,
+                           Request)
+
+MIN_CALL_S = 1.0  # less time left than this: a call cannot finish, so none is started
+HEALTH_TIMEOUT_S = 10.0  # a health check's own call
+RETRY_PAUSE_S = 0.5
+
+
+class RemoteSettings(BackendSettings):
+    timeout_s: float = Field(20.0, gt=0, le=120, description="Per-call timeout, capped by the request deadline.")
+    max_retries: int = Field(1, ge=0, le=5, description="Retries of a call that timed out or met a transient "
+                                                        "error (connection, 429, 5xx) while the deadline allows.")
+
+
+class APISettings(RemoteSettings):
+    model: str = Field(..., description="Model name as the server knows it.")
+    base_url: str | None = Field(None, description="Another endpoint for the API (a proxy, a server of your own).")
+    api_key_env: str | None = Field(None, description="Environment variable holding the key; null for none.")
+
+
+def api_key(settings: APISettings, how: str) -> str | None:
+    """The key from the environment variable the YAML names (never from the YAML itself); None when it
+    names none. `how` tells the operator what to export."""
+    if not settings.api_key_env:
+        return None
+    key = os.environ.get(settings.api_key_env, "").strip()
+    if not key:
+        raise BackendError(f"environment variable {settings.api_key_env} (api_key_env of backend {settings.label}) "
+                           f"is not set; {how}")
+    return key
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a failed call means: its text for the operator, and whether another try may succeed."""
+    text: str
+    transient: bool = False
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What `parse` reads off a provider's answer."""
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"  # "stop" or "length"
+    served_by: str | None = None  # the model that really answered, when the provider says (a dated snapshot)
+
+
+class Retries:
+    """The tries of one call inside a request's deadline: each gets min(timeout_s, time left); transient
+    failures are retried up to max_retries."""
+
+    def __init__(self, name: str, request: Request, timeout_s: float, max_retries: int):
+        self.name, self.request, self.timeout_s, self.max_retries = name, request, timeout_s, max_retries
+        self.failures: list[str] = []
+
+    def timeout(self) -> float:
+        """Seconds for the next try; raises DeadlineExceeded when none can finish in time."""
+        timeout = min(self.timeout_s, self.request.seconds_left())
+        if timeout < MIN_CALL_S:
+            after = f" after {len(self.failures)} failed tries: {self.failures[-1]}" if self.failures else ""
+            raise DeadlineExceeded(f"{self.name}: the deadline passed{after}")
+        return timeout
+
+    def failed(self, reason: str) -> None:
+        """A transient failure: raise once retries or time are spent, else pause briefly before the next try."""
+        self.failures.append(reason)
+        if self.request.seconds_left() < MIN_CALL_S:
+            raise DeadlineExceeded(f"{self.name}: the deadline passed after {len(self.failures)} failed tries: "
+                                   f"{reason}")
+        if len(self.failures) > self.max_retries:
+            raise BackendError(f"{self.name}: {reason} ({len(self.failures)} tries; backends max_retries "
+                               f"is {self.max_retries})")
+        time.sleep(min(RETRY_PAUSE_S, max(self.request.seconds_left() - MIN_CALL_S, 0)))
+
+
+class RemoteBackend(Backend):
+    provider: str  # model_info's provider
+    where: str  # what it calls, for error texts: a URL, "the Gemini API", a program
+
+    def __init__(self, settings: RemoteSettings):
+        super().__init__(settings.label)
+        self.timeout_s = settings.timeout_s
+        self.max_retries = settings.max_retries
+
+    @abstractmethod
+    def call(self, request: Request, timeout: float) -> Any:
+        """One try, given at most `timeout` seconds; raises what the provider raises."""
+
+    @abstractmethod
+    def classify(self, error: Exception) -> Failure | None:
+        """What a failure of `call` (or of a health check) means; None: not the provider's, so a bug."""
+
+    @abstractmethod
+    def parse(self, response: Any) -> Reply:
+        """The answer in a provider's response; raises BackendError when there is none."""
+
+    def no_answer(self, error: Exception) -> Failure:
+        return Failure(f"{self.where} did not answer ({type(error).__name__}: {error})", transient=True)
+
+    def generate(self, request: Request) -> Generation:
+        started = time.monotonic()
+        retries = Retries(self.name, request, self.timeout_s, self.max_retries)
+        while True:
+            timeout = retries.timeout()
+            try:
+                response = self.call(request, timeout)
+            except Exception as e:
+                failure = self.classify(e)
+                if failure is None:
+                    raise
+                if not failure.transient:
+                    raise BackendError(f"{self.name}: {failure.text}") from None
+                retries.failed(failure.text)
+                continue
+            reply = self.parse(response)
+            if not reply.text.strip():
+                raise BackendError(f"{self.name}: empty answer (finish reason {reply.finish_reason})")
+            return Generation(text=reply.text, prompt_tokens=reply.prompt_tokens,
+                              completion_tokens=reply.completion_tokens, seconds=time.monotonic() - started,
+                              backend=self.name, model=self.served(reply.served_by),
+                              finish_reason=reply.finish_reason)
+
+    def served(self, model: str | None) -> ModelInfo:
+        """model_info for an answer: this backend's, with the version the provider says it used."""
+        info = self.info()
+        if not model or model == info.name:
+            return info
+        return ModelInfo(info.mode, info.name, info.provider, model, info.parameters)

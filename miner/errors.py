@@ -1,0 +1,6 @@
+"""Errors any part of the miner may raise about its configuration; this module imports nothing of the
+project, so everything can import it."""
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and key."""
