@@ -8,6 +8,7 @@ current load requires (backends/sizing.py). The request's deadline is the hard l
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -16,7 +17,7 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -42,6 +43,8 @@ DENSE_TEXT = "灯塔看守人每晚数着过往的船只，把它们的名字写
 MAX_AUTO_PARALLEL = 8
 PLAN_MARGIN = 1.15  # estimates are running averages: plan for a little slower than measured
 TOKENS_PER_CHAR_CACHE = 64
+TOKENS_PER_CHAR_EMA, TOKENS_PER_CHAR_MIN_ANSWER = 0.3, 200  # answers shorter than this say little
+TOKENS_PER_CHAR_RANGE = (0.5, 1.5)  # of the sample's figure: one odd answer cannot move plans far
 FUTURE_GRACE_S = 5.0
 MAX_TOKENS_MARGIN = 1.5  # the model may spend more tokens a character than the sample: a safety bound
 WARM_UP_TEXT = ("The lighthouse keeper counted the ships each night, writing their names in a ledger that "
@@ -90,6 +93,17 @@ class LlamaCppSettings(BackendSettings):
             raise ValueError(f"parallel ({self.parallel}) must not exceed n_batch ({self.n_batch}): every "
                              f"decoding request needs a token of each step's batch")
         return self
+
+
+def _strings_in(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings_in(item)
 
 
 def check_gguf(path: Path) -> None:
@@ -223,14 +237,35 @@ class LlamaCppBackend(Backend):
         return len(self.model.tokenize(text, add_special=False, parse_special=False))
 
     def tokens_per_char(self, sample: str) -> float:
-        """Measured on this model's tokenizer: Chinese costs SmolLM2 1.8 tokens a character, Llama-3 0.8."""
-        sample = sample or WARM_UP_TEXT
+        """What a character of the sample's language costs on this model's tokenizer: measured on the
+        sample (Chinese costs SmolLM2 1.8 tokens a character, Llama-3 0.8), then on the answers served."""
+        return self._tokens_per_char_entry(sample or WARM_UP_TEXT)[1]
+
+    def _tokens_per_char_entry(self, sample: str) -> list[float]:
+        """[measured on the sample, current estimate]"""
         with self._tokens_per_char_lock:  # requests arrive on many threads
             if sample not in self._tokens_per_char:
                 if len(self._tokens_per_char) >= TOKENS_PER_CHAR_CACHE:  # samples may be requests' own text
                     self._tokens_per_char.pop(next(iter(self._tokens_per_char)))
-                self._tokens_per_char[sample] = self.count_tokens(sample) / len(sample)
+                measured = self.count_tokens(sample) / len(sample)
+                self._tokens_per_char[sample] = [measured, measured]
             return self._tokens_per_char[sample]
+
+    def _learn_tokens_per_char(self, sample: str, text: str, sampled_tokens: int) -> None:
+        """A sample is written by hand; what the model samples for the strings of its own answers in that
+        language (commoner characters, a Latin id here and there, but not always the tokenizer's longest
+        pieces) is what answers will cost."""
+        try:
+            chars = sum(len(s) for s in _strings_in(json.loads(text)))
+        except ValueError:
+            return
+        if chars < TOKENS_PER_CHAR_MIN_ANSWER:
+            return
+        seen = sampled_tokens / chars
+        entry = self._tokens_per_char_entry(sample or WARM_UP_TEXT)
+        with self._tokens_per_char_lock:
+            lo, hi = entry[0] * TOKENS_PER_CHAR_RANGE[0], entry[0] * TOKENS_PER_CHAR_RANGE[1]
+            entry[1] = min(max(entry[1] + TOKENS_PER_CHAR_EMA * (seen - entry[1]), lo), hi)
 
     # --- generating ---------------------------------------------------------------------------------
     def generate(self, request: Request) -> Generation:
@@ -253,6 +288,8 @@ class LlamaCppBackend(Backend):
         if request.schema and result.finish_reason == "length":
             raise BackendError(f"the answer reached {len(result.tokens)} tokens before its JSON was complete "
                                f"({result.note})")
+        if request.schema and not request.prefix:
+            self._learn_tokens_per_char(request.language_sample, text, len(result.tokens) - result.forced)
         seconds = time.monotonic() - started
         log.debug("%s: %d prompt tokens (%d reused) + %d tokens (%d forced) in %.2f s after %.2f s queued; %s",
                   self.name, result.prompt_tokens, result.reused_tokens, len(result.tokens), result.forced,

@@ -85,6 +85,24 @@ def test_a_blueprint_under_the_task_schema_meets_the_contract(embedded_backend):
     assert spec.check(answer, ctx) == answer
 
 
+def test_what_a_character_costs_is_learned_from_answers_within_bounds(embedded_backend):
+    sample = "海港小镇的灯塔在雾里亮了一整夜，看守人写下每一艘船的名字。"
+    measured = embedded_backend.tokens_per_char(sample)
+    story = "The keeper wrote the names of the ships in a ledger nobody read. "
+    learn = embedded_backend._learn_tokens_per_char
+    learn(sample, json.dumps({"title": story[:60]}), 15)  # too short to say anything
+    assert embedded_backend.tokens_per_char(sample) == measured
+    learn(sample, json.dumps({"story": story * 6, "names": ["Ada", "Lin"]}), 100)  # 396 characters
+    assert measured * 0.5 <= embedded_backend.tokens_per_char(sample) < measured  # English is cheaper
+    for _ in range(30):
+        learn(sample, json.dumps({"story": story * 6}), 100)
+    assert embedded_backend.tokens_per_char(sample) == pytest.approx(measured * 0.5)  # one language, one range
+    for _ in range(30):
+        learn(sample, json.dumps({"story": story * 6}), 2000)  # sampled in many small pieces
+    assert embedded_backend.tokens_per_char(sample) == pytest.approx(measured * 1.5)
+    assert embedded_backend.tokens_per_char(sample + "。") == pytest.approx(measured, rel=0.1)  # its own entry
+
+
 def test_health_runs_a_tiny_real_generation(embedded_backend):
     health = embedded_backend.health()
     where = f"{embedded_backend.plan.n_gpu_layers} layers on GPU" if embedded_backend.plan.n_gpu_layers else "CPU only"
