@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -27,7 +27,7 @@ from backends.base import (Backend, BackendBusy, BackendError, BackendSettings, 
                            ModelInfo, Request)
 from backends.batching import Engine, Job, Load
 from backends.constraint import Vocabulary
-from backends.sizing import Cost, fit_schema, shrink, worst_case
+from backends.sizing import Cost, fit_schema, shrink, strings_in, worst_case
 from models import fit
 from models.catalog import load_profile
 from models.embedded import DISPLAY_NAME, EmbeddedModelMissing, embedded_model_path
@@ -93,17 +93,6 @@ class LlamaCppSettings(BackendSettings):
             raise ValueError(f"parallel ({self.parallel}) must not exceed n_batch ({self.n_batch}): every "
                              f"decoding request needs a token of each step's batch")
         return self
-
-
-def _strings_in(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings_in(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings_in(item)
 
 
 def check_gguf(path: Path) -> None:
@@ -256,7 +245,7 @@ class LlamaCppBackend(Backend):
         language (commoner characters, a Latin id here and there, but not always the tokenizer's longest
         pieces) is what answers will cost."""
         try:
-            chars = sum(len(s) for s in _strings_in(json.loads(text)))
+            chars = sum(len(s) for s in strings_in(json.loads(text)))
         except ValueError:
             return
         if chars < TOKENS_PER_CHAR_MIN_ANSWER:

@@ -13,7 +13,7 @@ import json
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 EMA = 0.1  # weight of a new observation in the running prompt speed
 LINE_DECAY = 0.998  # weight an older decode step keeps per newer one (about the last 500 steps count)
@@ -56,6 +56,18 @@ def skeleton(schema: Any) -> Any:
     if kind == "string":
         return ""
     return 0
+
+
+def strings_in(value: Any) -> Iterator[str]:
+    """The strings of a JSON value (an answer), in order."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from strings_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings_in(item)
 
 
 def _strings(schema: Any) -> tuple[float, int, int]:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from backends import llama_lowlevel as ll
-from backends.sizing import Cost, Speed, fit_schema, shrink, worst_case
+from backends.sizing import Cost, Speed, fit_schema, shrink, strings_in, worst_case
 from miner import examples
 from miner.tasks import TASKS, Context
 from miner.tasks.common import SAMPLES, obj, text, texts
@@ -100,20 +100,9 @@ def test_a_schema_sized_for_a_slow_speed_fits_its_plan_with_every_string_at_its_
     assert sized is not None and not sized.past_target
     largest = fill(sized.schema)  # every string at its maximum, in the request's language
     written = count(model)(json.dumps(largest, ensure_ascii=False, separators=(",", ":")))
-    sampled = sum(count(model)(s) + 1 for s in strings(largest))  # each string's text and its end
+    sampled = sum(count(model)(s) + 1 for s in strings_in(largest))  # each string's text and its end
     assert written <= sized.cost.tokens * 1.05
     assert speed.seconds(Cost(sampled, written - sampled), 300, 2) <= target * 1.05
-
-
-def strings(value):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from strings(v)
 
 
 def fill(schema):
