@@ -267,7 +267,7 @@ class LlamaCppBackend(Backend):
         floor_cost = self._cost(floor, tpc) if floor else Cost(request.max_tokens, 0)
         share = self.engine.prefill_share()
         floor_s = tuple(self._seconds(floor_cost, prompt_estimate, n, share) for n in (1, self.parallel))
-        ticket = self.engine.submit(request.deadline, lambda load: self._prepare(request, tpc, load),
+        ticket = self.engine.submit(request.deadline, lambda load: self._prepare(request, tpc, load, prompt_estimate),
                                     floor_s, request.priority)
         try:  # the engine answers every ticket by its limit; the timeout only guards against a bug there
             result = ticket.future.result(timeout=max(request.seconds_left(), 0.0) + FUTURE_GRACE_S)
@@ -294,11 +294,11 @@ class LlamaCppBackend(Backend):
     def _seconds(self, cost: Cost, prompt_tokens: int, sequences: int, prefill_share: float) -> float:
         return self.engine.speed.seconds(cost, prompt_tokens, sequences) * PLAN_MARGIN / (1 - prefill_share)
 
-    def _prepare(self, request: Request, tpc: float, load: Load) -> Job:
+    def _prepare(self, request: Request, tpc: float, load: Load, asked_prompt: int) -> Job:
         """At admission: size the answer for the load it will run under, then build its prompt and state."""
         prefix = (self.model.tokenize(request.prefix, add_special=False, parse_special=False)
                   if request.prefix else [])
-        schema, messages, cost, note = self._plan(request, tpc, load, len(prefix))
+        schema, messages, cost, note = self._plan(request, tpc, load, asked_prompt + len(prefix), len(prefix))
         prompt = self.prompt_tokens(messages) + prefix
         max_tokens = min(request.max_tokens, load.kv_room - len(prompt))
         if cost is not None and cost.bounded:  # unbounded: only the hard limit ends it
@@ -316,14 +316,14 @@ class LlamaCppBackend(Backend):
                    worst=cost.tokens if cost is not None else math.inf,
                    shape=tuple(schema.get("properties", ())) if schema is not None else ())
 
-    def _plan(self, request: Request, tpc: float, load: Load,
+    def _plan(self, request: Request, tpc: float, load: Load, prompt_n: int,
               prefix_tokens: int) -> tuple[dict[str, Any] | None, list[dict[str, str]], Cost | None, str]:
         """The schema and messages of this answer, sized for the load, with its worst case; BackendBusy
-        when even its smallest answer cannot be written before the hard limit."""
+        when even its smallest answer cannot be written before the hard limit. prompt_n: the prompt as
+        asked, prefix included (counted once, off the engine thread)."""
         if request.schema is None:
             return None, request.messages, None, "free text"
         target_s, hard_s = request.target_time() - load.now, request.deadline - load.now
-        prompt_n = len(self.prompt_tokens(request.messages)) + prefix_tokens
         room = load.kv_room - prompt_n
         if request.resize is None or prefix_tokens:  # as asked; a retry continues under the schema it had
             cost = self._cost(request.schema, tpc)
