@@ -91,6 +91,7 @@ class Chain:
         self.failures_before_cooldown = failures_before_cooldown
         self.cooldown_s = cooldown_s
         self._lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def from_config(cls, backend_settings, chain_settings, *, require_one: bool = True) -> Chain:
@@ -119,6 +120,9 @@ class Chain:
                 continue
             if request.seconds_left() < MIN_SECONDS_TO_TRY:
                 reasons[i] = "skipped: the deadline had passed"
+                continue
+            if self._closed:
+                reasons[i] = "skipped: the miner is shutting down"
                 continue
             try:
                 result, generation = self._ask(state, request, accept)
@@ -223,5 +227,10 @@ class Chain:
         return next((state for state in self.states if state.usable(now)), None)
 
     def close(self) -> None:
+        """Release every backend, once; a request still in the chain then gets an error, not another backend."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         for backend in self.backends:
             backend.close()

@@ -9,24 +9,29 @@ stdout: {"text": "<the model's answer, e.g. the JSON object as a string>",
 A non-zero exit status is a failure; stderr's tail goes into the error. The command is killed (with
 anything it started) at its timeout or at the request's deadline, whichever comes first; one that timed
 out is run again while max_retries and the deadline allow.
+The command does not inherit the miner's environment, where its API keys are: it gets the basics (PATH,
+HOME, locale, time zone, temp dir) and the variables `pass_env` names.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from backends.base import BackendError, Health, ModelInfo, Request
-from backends.remote import Failure, RemoteBackend, RemoteSettings, Reply
+from backends.remote import Failure, RemoteBackend, RemoteSettings, Reply, redact, register_secret
 
 STDERR_TAIL = 500
+BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR")  # and every LC_*
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 HEALTH_REQUEST = {"messages": [{"role": "user", "content": "Say OK."}], "schema": None, "max_tokens": 2,
                   "temperature": 0.0, "top_p": 1.0}
 
@@ -37,10 +42,35 @@ class CustomSettings(RemoteSettings):
     cwd: str | None = Field(None, description="Working directory for the command.")
     timeout_s: float = Field(25.0, gt=0, le=120, description="Kill the command after this long (and at the deadline).")
     max_retries: int = Field(0, ge=0, le=5, description="Runs again of a command that timed out, while the deadline allows.")
+    pass_env: list[str] = Field(
+        default_factory=list, description="Names of the miner's environment variables the command also gets "
+        "(e.g. the key of a service it calls); it always gets PATH, HOME, USER, LOGNAME, LANG, LANGUAGE, LC_*, "
+        "TZ and TMPDIR, and nothing else: the miner's API keys stay with the miner.")
+
+    @field_validator("pass_env")
+    @classmethod
+    def _env_names(cls, names: list[str]) -> list[str]:
+        bad = [name for name in names if not ENV_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"not environment variable names: {', '.join(map(repr, bad))}")
+        return names
 
 
 class CommandTimedOut(Exception):
     pass
+
+
+def _environment(pass_env: list[str], label: str) -> dict[str, str]:
+    """The command's whole environment; a variable pass_env names must be set (else it is a typo, or a
+    forgotten export). Its values are kept out of error texts, as API keys are."""
+    env = {k: v for k, v in os.environ.items() if k in BASE_ENV or k.startswith("LC_")}
+    for name in pass_env:
+        if name not in os.environ:
+            raise BackendError(f"environment variable {name} (pass_env of backend {label}) is not set; export "
+                               f"it, or remove it from backends pass_env")
+        env[name] = os.environ[name]
+        register_secret(os.environ[name], name)
+    return env
 
 
 def _resolve(command: list[str], cwd: str | None, label: str) -> list[str]:
@@ -69,6 +99,7 @@ class CustomCommandBackend(RemoteBackend):
         self.command = _resolve(settings.command, settings.cwd, settings.label)
         self.cwd = str(Path(settings.cwd).expanduser()) if settings.cwd else None
         self.where = Path(self.command[0]).name
+        self.env = _environment(settings.pass_env, settings.label)
 
     @classmethod
     def from_settings(cls, settings: CustomSettings) -> CustomCommandBackend:
@@ -84,8 +115,8 @@ class CustomCommandBackend(RemoteBackend):
     def _run(self, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
         # A session of its own, so a timeout kills the command and whatever it started.
         try:
-            proc = subprocess.Popen(self.command, cwd=self.cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True)
+            proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         except OSError as e:
             raise BackendError(f"{self.name}: cannot run {self.command[0]}: {e}") from None
         try:
@@ -97,7 +128,7 @@ class CustomCommandBackend(RemoteBackend):
             raise CommandTimedOut(f"the command did not answer within {timeout:.1f} s (backends timeout_s or "
                                   f"the request deadline)") from None
         if proc.returncode != 0:
-            tail = err.decode("utf-8", errors="replace")[-STDERR_TAIL:].strip()
+            tail = redact(err.decode("utf-8", errors="replace"))[-STDERR_TAIL:].strip()
             raise BackendError(f"{self.name}: the command exited with status {proc.returncode}: "
                                f"{tail or '(no stderr)'}")
         try:
@@ -107,7 +138,7 @@ class CustomCommandBackend(RemoteBackend):
                                f'{{"text": ...}}, and send logs to stderr') from None
         if not isinstance(answer, dict) or not isinstance(answer.get("text"), str):
             raise BackendError(f'{self.name}: the command must print a JSON object with a "text" string; got '
-                               f"{out[:80]!r}")
+                               f"{redact(out.decode('utf-8', errors='replace'))[:80]!r}")
         return answer
 
     def call(self, request: Request, timeout: float) -> dict[str, Any]:

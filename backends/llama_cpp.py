@@ -46,6 +46,7 @@ TOKENS_PER_CHAR_CACHE = 64
 TOKENS_PER_CHAR_EMA, TOKENS_PER_CHAR_MIN_ANSWER = 0.3, 200  # answers shorter than this say little
 TOKENS_PER_CHAR_RANGE = (0.5, 1.5)  # of the sample's figure: one odd answer cannot move plans far
 FUTURE_GRACE_S = 5.0
+CLOSE_WAIT_S = 10.0  # for callers to leave once the engine has failed their answers, before the model is freed
 MAX_TOKENS_MARGIN = 1.5  # the model may spend more tokens a character than the sample: a safety bound
 WARM_UP_TEXT = ("The lighthouse keeper counted the ships each night, writing their names in a ledger that "
                 "nobody read. " + DENSE_TEXT)
@@ -68,6 +69,10 @@ class LlamaCppSettings(BackendSettings):
         "auto", description="Requests decoded together, each with n_ctx / parallel tokens of KV cache; auto: as "
         "many as the context holds the longest answer for (2048 tokens each for Llama-3, 4096 for SmolLM2), up to 8.")
     seed: int | None = Field(None, ge=0, description="Sampling seed; default: fresh for every request.")
+    mmap: bool | Literal["auto"] = Field(
+        "auto", description="Map the model file instead of reading it into memory. A mapped file must not be "
+        "overwritten in place while the miner runs (the process dies of SIGBUS); mapping lets a model larger "
+        "than RAM run. auto: read it when it fits in half the RAM, map it otherwise.")
 
     @field_validator("n_gpu_layers")
     @classmethod
@@ -106,6 +111,11 @@ def check_gguf(path: Path) -> None:
                            f"corrupt or half-downloaded: delete it and {GET_A_MODEL}")
 
 
+def file_identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def default_threads() -> int:
     """llama.cpp's usual default (half the CPUs) leaves one of a small machine's two cores idle."""
     cpus = os.cpu_count() or 1
@@ -124,12 +134,20 @@ def parallel_for(setting: int | str, n_ctx: int, cells: int) -> int:
     return max(1, min(MAX_AUTO_PARALLEL, n_ctx // cells))
 
 
+def use_mmap(setting: bool | str, path: Path) -> bool:
+    if setting != "auto":
+        return bool(setting)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return path.stat().st_size > ram / 2
+
+
 def load_planned(path: Path, plan: fit.Plan, settings: LlamaCppSettings) -> tuple[ll.Model, ll.Context, fit.Plan, int]:
     """Load with the plan; when the GPU runs out of memory, retry with fewer layers instead of crashing."""
+    mapped = use_mmap(settings.mmap, path)
     while True:
         model = None
         try:
-            model = ll.Model(path, plan.n_gpu_layers)
+            model = ll.Model(path, plan.n_gpu_layers, use_mmap=mapped)
             parallel = parallel_for(settings.parallel, plan.n_ctx, cells_per_request(model))
             ctx = ll.Context(model, n_ctx=plan.n_ctx, n_batch=min(settings.n_batch, plan.n_ctx), n_seq_max=parallel,
                              flash_attn=plan.flash_attn, kv_cache_type=plan.kv_cache_type,
@@ -169,8 +187,10 @@ class LlamaCppBackend(Backend):
                         n_gpu_layers=settings.n_gpu_layers, n_ctx=settings.n_ctx,
                         kv_cache_type=settings.kv_cache_type, flash_attn=settings.flash_attn)
         started = time.monotonic()
+        self._file = file_identity(path)
         self.model, self.ctx, self.plan, self.parallel = load_planned(path, plan, settings)
         self.engine: Engine | None = None
+        self._calls, self._closed, self._calls_done = 0, False, threading.Condition()
         try:
             self.model_name = display_name or self.model.meta("general.name") or path.stem
             self.seed = settings.seed
@@ -258,8 +278,18 @@ class LlamaCppBackend(Backend):
 
     # --- generating ---------------------------------------------------------------------------------
     def generate(self, request: Request) -> Generation:
-        if self.model.ptr is None:
-            raise BackendError(f"{self.name}: the model is closed")
+        with self._calls_done:  # close() frees the model only once every caller has left
+            if self._closed:
+                raise BackendError(f"{self.name}: the model is closed (the miner is shutting down)")
+            self._calls += 1
+        try:
+            return self._generate(request)
+        finally:
+            with self._calls_done:
+                self._calls -= 1
+                self._calls_done.notify_all()
+
+    def _generate(self, request: Request) -> Generation:
         started = time.monotonic()
         tpc = self.tokens_per_char(request.language_sample)
         prompt_estimate = len(self.prompt_tokens(request.messages))
@@ -353,7 +383,24 @@ class LlamaCppBackend(Backend):
                 + (" (past the target)" if sized.past_target else ""))
         return sized.schema, request.resize(sized.schema), sized.cost, note
 
+    def file_problem(self) -> str | None:
+        """The model serves from memory; what changed on disk since it was loaded would bite on restart."""
+        try:
+            now = file_identity(self.path)
+        except OSError as e:
+            return (f"model file {self.path} is gone since it was loaded ({e.strerror}): this run serves the copy "
+                    f"in memory, but the next start will fail; put the file back, or {GET_A_MODEL}")
+        if now != self._file:
+            return (f"model file {self.path} was replaced since it was loaded: this run serves the old model; "
+                    f"restart the miner to load the new file")
+        return None
+
     def health(self) -> Health:
+        health = self._health()
+        problem = self.file_problem()
+        return Health(health.ok, f"{health.detail}; but {problem}") if problem else health
+
+    def _health(self) -> Health:
         asked = self.settings.n_gpu_layers
         if asked not in ("auto", 0) and self.plan.n_gpu_layers == 0:  # llama.cpp would say nothing of it
             why = self.plan.notes[0].removeprefix("CPU only: ")
@@ -375,6 +422,15 @@ class LlamaCppBackend(Backend):
         return Health(True, f"{self.model_name}: generated {generation.completion_tokens} tokens ({where})")
 
     def close(self) -> None:
-        self.engine.close()  # stops the decode loop first: never free the model under a running step
+        with self._calls_done:
+            if self._closed:
+                return
+            self._closed = True
+        self.engine.close()  # stops the decode loop and fails every answer in it: their callers return
+        with self._calls_done:
+            if not self._calls_done.wait_for(lambda: self._calls == 0, timeout=CLOSE_WAIT_S):
+                log.warning("%s: %d callers still inside after %.0f s; leaving the model loaded", self.name,
+                            self._calls, CLOSE_WAIT_S)
+                return
         self.ctx.close()
         self.model.close()

@@ -32,10 +32,11 @@ class NoKvRoom(LlamaError):
 class Model:
     """A loaded GGUF model and its vocabulary."""
 
-    def __init__(self, path: Path, n_gpu_layers: int, *, vocab_only: bool = False):
+    def __init__(self, path: Path, n_gpu_layers: int, *, vocab_only: bool = False, use_mmap: bool = True):
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = ALL_LAYERS if n_gpu_layers < 0 else n_gpu_layers
         params.vocab_only = vocab_only
+        params.use_mmap = use_mmap
         self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
             raise LlamaError(f"llama.cpp could not load {path}")

@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal
 from pydantic import Field
 
 from backends.base import BackendError, Health, ModelInfo, Request
-from backends.remote import HEALTH_TIMEOUT_S, APISettings, Failure, RemoteBackend, Reply, api_key
+from backends.remote import HEALTH_TIMEOUT_S, APISettings, Failure, RemoteBackend, Reply, api_key, redact
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class OpenAIBackend(RemoteBackend):
                 return False
             self._format = max(self._format, used + 1)
         log.warning("%s: %s refused response_format %s (%s); using %s from now on", self.name, self.where,
-                    FORMATS[used][0], e.message[:120], FORMATS[self._format][0])
+                    FORMATS[used][0], redact(e.message)[:120], FORMATS[self._format][0])
         return True
 
     def call(self, request: Request, timeout: float) -> Any:

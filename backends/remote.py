@@ -1,11 +1,13 @@
 """What every backend that calls out (an API, a program) shares: tries inside the request's deadline,
-retries of transient failures, the error texts, the key from the environment, and model_info naming the
-model that really served. A provider supplies three hooks: `call` makes one try, `classify` says what a
-failure means, `parse` reads the answer; and its own `health`.
+retries of transient failures, the error texts, the key from the environment (kept out of every error
+text, see `redact`), and model_info naming the model that really served. A provider supplies three
+hooks: `call` makes one try, `classify` says what a failure means, `parse` reads the answer; and its own
+`health`.
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -19,6 +21,30 @@ from backends.base import (Backend, BackendError, BackendSettings, DeadlineExcee
 MIN_CALL_S = 1.0  # less time left than this: a call cannot finish, so none is started
 HEALTH_TIMEOUT_S = 10.0  # a health check's own call
 RETRY_PAUSE_S = 0.5
+# Shorter values are no real secret, and replacing them everywhere would garble texts.
+MIN_SECRET_CHARS = 8
+
+_secrets: tuple[tuple[str, str], ...] = ()  # (value, variable name) of every secret read so far
+_secrets_lock = threading.Lock()
+
+
+def register_secret(value: str, env_name: str) -> None:
+    """Remember a secret read from the environment, so that `redact` keeps it out of every text."""
+    global _secrets
+    if len(value) < MIN_SECRET_CHARS:
+        return
+    with _secrets_lock:
+        if all(v != value for v, _ in _secrets):
+            _secrets = (*_secrets, (value, env_name))
+
+
+def redact(text: str) -> str:
+    """The text with every registered secret replaced by the variable's name: a server or program may
+    echo a key back (a 401 body, stderr), and these texts reach logs, health reports and validators."""
+    for value, env_name in _secrets:
+        if value in text:
+            text = text.replace(value, f"<{env_name}: redacted>")
+    return text
 
 
 class RemoteSettings(BackendSettings):
@@ -42,6 +68,7 @@ def api_key(settings: APISettings, how: str) -> str | None:
     if not key:
         raise BackendError(f"environment variable {settings.api_key_env} (api_key_env of backend {settings.label}) "
                            f"is not set; {how}")
+    register_secret(key, settings.api_key_env)
     return key
 
 
@@ -50,6 +77,9 @@ class Failure:
     """What a failed call means: its text for the operator, and whether another try may succeed."""
     text: str
     transient: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", redact(self.text))  # every provider's failure text passes here
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ INT_FLAGS = {"netuid", "axon.port", "axon.external_port"}
 
 def _add_config_flags(p: argparse.ArgumentParser, chain: bool = False) -> None:
     p.add_argument("--config", type=Path, help="YAML config (see config.example.yaml); default: built-in defaults")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="overrides log_level in the config (default INFO)")
     if chain:
         for flag in CHAIN_FLAGS:
             p.add_argument(f"--{flag}", dest=flag, type=int if flag in INT_FLAGS else str, metavar="VALUE",
@@ -32,7 +33,10 @@ def _add_config_flags(p: argparse.ArgumentParser, chain: bool = False) -> None:
 
 def _load(args: argparse.Namespace) -> Config:
     overrides = {flag: getattr(args, flag, None) for flag in CHAIN_FLAGS}
-    return load_config(args.config, overrides)
+    config = load_config(args.config, overrides)
+    if args.log_level is None:  # the flag, when given, was applied in main()
+        logging.getLogger().setLevel(config.log_level)
+    return config
 
 
 def _build_service(config: Config):
@@ -59,7 +63,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     finally:
         miner.close()
-        service.chain.close()
     log.info("stopped")
     return 0
 
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         module_name, fn = DELEGATED[argv[0]].split(":")
         return getattr(import_module(module_name), fn)(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
+    logging.basicConfig(level=args.log_level or "INFO", stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from backends.base import BackendError
     try:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from bittensor_wallet.utils import is_valid_ss58_address
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from backends import REGISTRY, settings_classes
 from backends.llama_cpp import LlamaCppSettings
@@ -48,6 +49,17 @@ class BlacklistSettings(_Strict):
     require_registered: bool = Field(True, description="Refuse callers whose hotkey is not in the metagraph.")
     require_validator_permit: bool = Field(False, description="Refuse registered callers without a validator permit.")
     min_stake: float = Field(0.0, ge=0, description="Refuse callers with less stake (TAO).")
+    force_allow: list[str] = Field(
+        default_factory=list, description="ss58 hotkeys let through in chain mode whatever the rules above say "
+        "(yours, to try the live miner); their priority is still their stake.")
+
+    @field_validator("force_allow")
+    @classmethod
+    def _ss58(cls, hotkeys: list[str]) -> list[str]:
+        bad = [h for h in hotkeys if not is_valid_ss58_address(h)]
+        if bad:
+            raise ValueError(f"not ss58 hotkey addresses: {', '.join(map(repr, bad))}")
+        return hotkeys
 
 
 class OfflineSettings(_Strict):
@@ -103,6 +115,12 @@ class Config(_Strict):
     chain: ChainSettings = Field(default_factory=ChainSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     resync_s: float = Field(600.0, ge=30, le=86400, description="How often chain mode resyncs the metagraph.")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, le=300, description="On SIGTERM or SIGINT: how long requests in flight may take to finish "
+        "before they are failed with an explicit error. Keep pm2's kill_timeout and systemd's TimeoutStopSec "
+        "above it.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level (to stderr); the --log-level flag overrides it.")
     backends: list[BackendSettings] = Field(
         default_factory=lambda: [LlamaCppSettings(type="llama_cpp")],  # the embedded demo model
         min_length=1, description="Tried in this order; the first that can serve answers.")

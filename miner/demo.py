@@ -96,6 +96,5 @@ def run_demo(config: Config, user_input: str | None = None) -> int:
                     context[task] = {k: v for k, v in answer.items() if k not in META_KEYS}
         finally:
             miner.close()
-            service.chain.close()
     print(f"== {len(TASKS) - failures} of {len(TASKS)} tasks met the contract")
     return 0 if failures == 0 else 1

@@ -9,6 +9,7 @@ miner answers, it checks the config's backends itself: model file and GGUF heade
 layers are asked for, a tiny real generation; API key present and a cheap real call.
 The running miner re-checks every health.interval_s, logs changes, and serves the same report
 (miner/health_monitor.py). Each backend checks its own settings in its health() (backends/).
+`--running` (for watchdogs) asks only the running miner: none answering is down, and nothing is loaded.
 """
 from __future__ import annotations
 
@@ -149,11 +150,19 @@ def fetch_running(port: int, timeout: float) -> HealthReport | None:
         return None
 
 
+def _not_running(port: int, wait: float) -> str:
+    if not port:
+        return "--running asks the running miner's GET /health, but health.port is 0 in the config; set it"
+    return f"no running miner answered GET http://{LOOPBACK}:{port}/health within {wait:g} s"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m miner health", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, help="YAML config (default: built-in defaults)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for a running miner's GET /health")
+    parser.add_argument("--running", action="store_true", help="ask only the running miner (for watchdogs): "
+                        "no answer is down (exit 2); the backends are never built here")
     args = parser.parse_args(argv)
     source = str(args.config) if args.config else "defaults"
     try:
@@ -162,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         report = HealthReport.down(f"the config cannot be used: {e}", source, "health command")
     else:
         running = fetch_running(config.health.port, args.wait) if config.health.port else None
-        report = running or check(config, source)
+        if running is None and args.running:
+            report = HealthReport.down(_not_running(config.health.port, args.wait), source, "health command")
+        else:
+            report = running or check(config, source)
     out = json.dumps(report.to_json(), ensure_ascii=False, indent=2) if args.json else report.render()
     sys.stdout.write(out + "\n")
     return report.exit_code

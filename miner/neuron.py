@@ -8,6 +8,7 @@ No `from __future__ import annotations` here: Axon.attach() inspects the real an
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -23,7 +24,8 @@ from miner import __version__
 from miner.config import Config
 from miner.health_monitor import HealthMonitor
 from miner.protocol import StoryGenerationSynapse, unknown_model_info
-from miner.service import StoryService
+from miner.service import Answer, StoryService, clean_text
+from miner.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ AXON_START_TIMEOUT_S = 10.0
 # Requests beyond what the backends decode together wait in their queues, where one that cannot be served
 # in time is refused at once; these threads only wait on them.
 FORWARD_THREADS = 32
+CLOSE_WAIT_S = 10.0  # after the grace: for failed answers to reach their callers
+SHUTTING_DOWN = "the miner is shutting down; ask again after it restarts"
 
 
 class StartupError(Exception):
@@ -49,6 +53,14 @@ def no_public_ip_lookup() -> Iterator[None]:
         yield
     finally:
         networking.get_external_ip = original
+
+
+def _encodable(value: object) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -81,12 +93,16 @@ class Miner:
         self.wallet = wallet
         self.offline = offline
         self.allowed = set(config.offline.allowed_hotkeys)
+        self.force_allowed = frozenset(config.blacklist.force_allow)
         self.callers = CallerTable()
         self.subtensor = None
         self.metagraph = None
         self.axon: bt.Axon | None = None
         self._executor = ThreadPoolExecutor(max_workers=FORWARD_THREADS, thread_name_prefix="forward")
         self._stop = threading.Event()
+        self._closing = False
+        self._in_flight = 0
+        self._idle = threading.Condition()
         self.health: HealthMonitor | None = None
 
     # --- the three functions the Axon calls -------------------------------------------------------
@@ -96,14 +112,28 @@ class Miner:
                   ("task_type", "user_input", "blueprint", "characters", "story_arc", "chapter_ids")}
         caller = synapse.dendrite.hotkey if synapse.dendrite else None
         known = self.callers.get(caller) if caller else None
-        loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(self._executor, self.service.answer, fields, synapse.timeout,
-                                            known.stake if known else 0.0, arrived)
+        with self._idle:
+            self._in_flight += 1
+        try:
+            if self._closing:
+                answer = Answer({"error": SHUTTING_DOWN}, time.monotonic() - arrived)
+            else:
+                answer = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.service.answer, fields, synapse.timeout, known.stake if known else 0.0,
+                    arrived)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+        for name, value in fields.items():  # the response echoes the inputs: they must encode as UTF-8 JSON
+            if not _encodable(value):
+                setattr(synapse, name, clean_text(value) if isinstance(value, str) else None)
         synapse.output_data = answer.output
         synapse.generation_time = round(answer.seconds, 3)
         synapse.miner_version = __version__
         synapse.model_info = answer.model_info or unknown_model_info()
-        log.info("%s for %s: %s in %.2f s", fields["task_type"] or "?", caller,
+        task = fields["task_type"] if isinstance(fields["task_type"], str) and fields["task_type"] in TASKS else "?"
+        log.info("%s for %s: %s in %.2f s", task, caller,  # never a caller's raw text in a log line
                  "ok" if answer.ok else answer.output["error"], answer.seconds)
         return synapse
 
@@ -113,6 +143,8 @@ class Miner:
             return True, "request carries no hotkey"
         if self.offline:
             return (False, "allowlisted") if hotkey in self.allowed else (True, "hotkey not in offline.allowed_hotkeys")
+        if hotkey in self.force_allowed:
+            return False, "in blacklist.force_allow"
         caller = self.callers.get(hotkey)
         rules = self.config.blacklist
         if caller is None:
@@ -192,8 +224,27 @@ class Miner:
         self._stop.set()
 
     def close(self) -> None:
+        """Stop accepting requests, give those in flight shutdown_grace_s to finish, fail the rest with an
+        explicit error, then unload the backends."""
+        self._closing = True
         if self.health is not None:
             self.health.stop()
         if self.axon is not None:
-            self.axon.stop()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+            self.axon.stop()  # uvicorn closes its socket; requests in flight keep their connections
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._in_flight == 0, timeout=self.config.shutdown_grace_s):
+                log.warning("%d requests still in flight after shutdown_grace_s (%.0f s): failing them",
+                            self._in_flight, self.config.shutdown_grace_s)
+        self.service.chain.close()  # a backend fails what it still holds: each caller gets an explicit error
+        with self._idle:
+            self._idle.wait_for(lambda: self._in_flight == 0, timeout=CLOSE_WAIT_S)
+        if self.axon is not None:
+            self._wait_sent(self.axon)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def _wait_sent(axon: bt.Axon) -> None:
+        """The server thread is a daemon: leaving before uvicorn has written the last answers would drop them."""
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while axon.fast_server.server_state.connections and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -4,12 +4,12 @@ The class name is the HTTP route: validators reach `StoryGenerationSynapse` and 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import logging
 
 import bittensor as bt
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 # Importing bittensor sets every logger that already exists to CRITICAL; ours go back to inheriting
 # the level the CLI chose. Every module that uses bittensor imports this one.
@@ -18,7 +18,6 @@ for _name, _logger in list(logging.root.manager.loggerDict.items()):
         _logger.setLevel(logging.NOTSET)
 
 PROTOCOL_VERSION = "3.2.0"
-TASK_TYPES = ("blueprint", "characters", "story_arc", "chapters")
 
 
 def unknown_model_info() -> Dict[str, Any]:
@@ -26,16 +25,19 @@ def unknown_model_info() -> Dict[str, Any]:
 
 
 class StoryGenerationSynapse(bt.Synapse):
+    """Inputs are typed loosely on purpose: the Axon parses the body into this class before the miner sees
+    it, and a value pydantic refuses there becomes an HTTP 500 with no answer. Any JSON is accepted here
+    and StoryService checks every field, answering bad input with a clear `error`."""
     # Filled by the validator.
-    protocol_version: str = Field(PROTOCOL_VERSION, description="X.Y.Z, or empty")
-    task_type: str = Field("", description="blueprint | characters | story_arc | chapters (empty allowed)")
-    user_input: str = Field("", description="The story request, any language")
-    blueprint: Optional[Dict[str, Any]] = Field(None, description="Context for characters, story_arc, chapters")
-    characters: Optional[Dict[str, Any]] = Field(None, description="Context for story_arc, chapters")
-    story_arc: Optional[Dict[str, Any]] = Field(None, description="Context for chapters")
-    chapter_ids: Optional[List[int]] = Field(None, description="Chapters to write")
+    protocol_version: Any = Field(PROTOCOL_VERSION, description="X.Y.Z, or empty")
+    task_type: Any = Field("", description="blueprint | characters | story_arc | chapters (empty allowed)")
+    user_input: Any = Field("", description="The story request, any language")
+    blueprint: Any = Field(None, description="Context for characters, story_arc, chapters: a JSON object")
+    characters: Any = Field(None, description="Context for story_arc, chapters: a JSON object")
+    story_arc: Any = Field(None, description="Context for chapters: a JSON object")
+    chapter_ids: Any = Field(None, description="Chapters to write: a list of whole numbers")
 
-    # Filled by the miner.
+    # Filled by the miner; whatever a caller puts in them is dropped on the way in.
     output_data: Optional[Dict[str, Any]] = Field(None, description="The answer, or {'error': ...}")
     generation_time: float = Field(0.0, description="Seconds spent generating")
     miner_version: str = Field("", description="Miner software version")
@@ -45,19 +47,17 @@ class StoryGenerationSynapse(bt.Synapse):
     miner_hotkey: Optional[str] = Field(None)
     validator_hotkey: Optional[str] = Field(None)
 
-    @field_validator("task_type")
+    @field_validator("output_data", "generation_time", "miner_version", "model_info", "miner_hotkey",
+                     "validator_hotkey", mode="wrap")
     @classmethod
-    def _task_type(cls, v: str) -> str:
-        if v and v not in TASK_TYPES:
-            raise ValueError(f"task_type must be one of {', '.join(TASK_TYPES)} (or empty), got {v!r}")
-        return v
-
-    @field_validator("protocol_version")
-    @classmethod
-    def _protocol_version(cls, v: str) -> str:
-        if v and len(v.split(".")) != 3:
-            raise ValueError(f"protocol_version must look like X.Y.Z, got {v!r}")
-        return v
+    def _default_if_malformed(cls, value: Any, handler: Any, info: ValidationInfo) -> Any:
+        """A malformed value in a field the miner fills or ignores is dropped, not a reason to refuse the
+        request (a validator's Dendrite parses the miner's well-formed answer as before)."""
+        try:
+            return handler(value)
+        except ValidationError:
+            field = cls.model_fields[info.field_name]
+            return field.default_factory() if field.default_factory else field.default
 
     def deserialize(self) -> Optional[Dict[str, Any]]:
         return self.output_data

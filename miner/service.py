@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,15 +34,68 @@ class Answer:
         return "error" not in self.output
 
 
+# Control characters (tab and newlines aside) and lone surrogates say nothing to a model, and a lone
+# surrogate cannot even be encoded to UTF-8 for the tokenizer or the answer; they are cleaned, not refused.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # a valid pair is one code point once decoded
+MAX_CONTEXT_DEPTH = 12  # validators' contexts nest 4 deep; deeper is hostile, and deep enough breaks json.dumps
+
+
+def clean_text(value: str) -> str:
+    return _LONE_SURROGATE.sub("\ufffd", _CONTROL.sub("", value))
+
+
 def _check_text(name: str, value: Any, limit: int, required: bool) -> str:
     if not isinstance(value, str):
         raise TaskInputError(f"{name} must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise TaskInputError(f"{name} is empty")
     if len(value) > limit:
         raise TaskInputError(f"{name} has {len(value)} characters; the limit is {limit} "
                              f"(generation.max_input_chars)")
+    value = clean_text(value)
+    if required and not value.strip():
+        raise TaskInputError(f"{name} is empty")
     return value
+
+
+def _clean_json(name: str, value: Any, limit: int) -> Any:
+    """A cleaned copy of a JSON value, refused when it holds anything but JSON, nests deeper than
+    MAX_CONTEXT_DEPTH, or outgrows `limit` characters. Iterative: hostile depth must not hit the recursion limit."""
+    size = 0
+    root: list[Any] = [None]
+    stack: list[tuple[Any, list[Any] | dict[str, Any], Any, int]] = [(value, root, 0, 0)]
+    while stack:
+        item, parent, key, depth = stack.pop()
+        if depth > MAX_CONTEXT_DEPTH:
+            raise TaskInputError(f"{name} nests more than {MAX_CONTEXT_DEPTH} levels deep; send the context "
+                                 f"as the earlier answer gave it")
+        if isinstance(item, str):
+            size += len(item) + 2
+            item = clean_text(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise TaskInputError(f"{name} holds {item}, which is not a JSON number")
+        elif isinstance(item, dict):
+            copy: dict[str, Any] = {}
+            for k, v in item.items():
+                if not isinstance(k, str):
+                    raise TaskInputError(f"{name} has a key of type {type(k).__name__}; JSON keys are strings")
+                size += len(k) + 4
+                copy[clean_text(k)] = None
+                stack.append((v, copy, clean_text(k), depth + 1))
+            item = copy
+        elif isinstance(item, list):
+            copy_list: list[Any] = [None] * len(item)
+            size += len(item) + 2
+            stack.extend((v, copy_list, i, depth + 1) for i, v in enumerate(item))
+            item = copy_list
+        elif item is not None and not isinstance(item, (bool, int, float)):
+            raise TaskInputError(f"{name} holds a {type(item).__name__}, which is not a JSON value")
+        else:
+            size += 5
+        if size > limit:
+            raise TaskInputError(f"{name} is more than {limit} characters of JSON; the limit is {limit} "
+                                 f"(generation.max_context_chars)")
+        parent[key] = item
+    return root[0]
 
 
 def _check_context(name: str, value: Any, limit: int) -> dict[str, Any] | None:
@@ -48,6 +103,7 @@ def _check_context(name: str, value: Any, limit: int) -> dict[str, Any] | None:
         return None
     if not isinstance(value, dict):
         raise TaskInputError(f"{name} must be a JSON object, got {type(value).__name__}")
+    value = _clean_json(name, value, limit)
     size = len(json.dumps(value, ensure_ascii=False))
     if size > limit:
         raise TaskInputError(f"{name} is {size} characters of JSON; the limit is {limit} "
@@ -79,7 +135,7 @@ class StoryService:
         """Validate a request's fields into a task spec and its context; raise TaskInputError if unusable."""
         task_type = fields.get("task_type")
         if not isinstance(task_type, str) or task_type not in TASKS:
-            raise TaskInputError(f"task_type must be one of {', '.join(TASKS)}, got {task_type!r}")
+            raise TaskInputError(f"task_type must be one of {', '.join(TASKS)}, got {task_type!r:.80}")
         spec = TASKS[task_type]
         s = self.settings
         ctx = Context(

@@ -8,6 +8,7 @@ our own `.part` file lets the next run continue where the last one stopped.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -178,6 +179,11 @@ def _fetch(r: RemoteFile, dest: Path, token: str | None, log: Log) -> Path:
                      displayed_filename=r.filename)
     except (httpx2.TransportError, OSError) as err:
         got = _part_size(r, dest)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise NotEnoughDiskError(
+                f"{dest}: the disk filled up at {_gb(got)} of {r.filename} ({_gb(r.size)}); free "
+                f"{_gb(r.size - got)} there and run the same command again to resume, or choose a directory "
+                f"on a larger disk with --dir") from None
         raise DownloadInterruptedError(
             f"{r.filename}: download stopped at {_gb(got)} of {_gb(r.size)} ({err}); "
             "run the same command again to resume") from None

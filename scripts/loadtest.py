@@ -46,6 +46,7 @@ SLEEP_S = 12  # VALIDATOR_QUERY_INTERVAL
 FULL_MARKS_S = 30
 META = ("model_info", "generation_time")
 START_TIMEOUT_S = 600
+RSS_WARM_S = 120  # the first requests grow the miner's memory (caches, buffers); it should stay flat after
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Run:
     outcomes: list[Outcome] = field(default_factory=list)
     rss_start_mib: float | None = None
     rss_end_mib: float | None = None
+    rss_series: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, MiB)
 
 
 def classify(task: str, fields: dict, response: StoryGenerationSynapse) -> tuple[str, str, dict | None]:
@@ -179,10 +181,21 @@ def summary(run: Run, seconds: float, validators: int) -> dict:
         "chars_per_s": round(sum(o.chars for o in outcomes) / seconds, 1),
         "rss_start_mib": run.rss_start_mib and round(run.rss_start_mib),
         "rss_end_mib": run.rss_end_mib and round(run.rss_end_mib),
+        "rss_series_mib": [[round(t), round(m)] for t, m in run.rss_series],
+        "rss_after_warm_range": rss_range(run.rss_series),
         "by_task": by_task,
         "mean_answer_s_by_task": {t: round(statistics.mean(xs), 1) for t in TASKS
                                   if (xs := [o.seconds for o in outcomes if o.task == t and o.kind == "valid"])},
     }
+
+
+def rss_range(series: list[tuple[float, float]]) -> list[float] | None:
+    """Lowest and highest RSS after the first RSS_WARM_S, relative to the first sample after it: a miner
+    that leaks drifts up, one that does not stays within a few percent."""
+    warm = [m for t, m in series if t >= RSS_WARM_S]
+    if not warm:
+        return None
+    return [round(min(warm) / warm[0] - 1, 3), round(max(warm) / warm[0] - 1, 3)]
 
 
 def print_table(s: dict, run: Run) -> None:
@@ -195,6 +208,10 @@ def print_table(s: dict, run: Run) -> None:
           f"slowest busy refusal {fmt(s['refusal_max_s'])}")
     print(f"served {s['tokens_per_s']} tokens/s ({s['chars_per_s']} characters/s); miner RSS "
           f"{s['rss_start_mib']} MiB at start, {s['rss_end_mib']} MiB at end")
+    if s["rss_series_mib"]:
+        drift = s["rss_after_warm_range"]
+        print("miner RSS (s: MiB): " + ", ".join(f"{t}: {m}" for t, m in s["rss_series_mib"])
+              + (f"; after {RSS_WARM_S} s within {100 * drift[0]:+.1f}% .. {100 * drift[1]:+.1f}%" if drift else ""))
     print(f"{'task':<11}" + "".join(f"{k:>10}" for k in ("valid", "invalid", "busy", "error", "no_answer"))
           + f"{'mean s':>9}")
     for task, counts in s["by_task"].items():
@@ -205,10 +222,19 @@ def print_table(s: dict, run: Run) -> None:
             print(f"  {o.task} {o.kind} after {o.seconds} s: {o.detail}")
 
 
-async def load(args, wallets, axon_info, count_tokens, run: Run) -> float:
+async def sample_rss(pid: int | None, started: float, end: float, every: float, run: Run) -> None:
+    while (now := time.monotonic()) < end:
+        mib = rss_mib(pid)
+        if mib is not None:
+            run.rss_series.append((now - started, mib))
+        await asyncio.sleep(min(every, max(end - time.monotonic(), 0.0)))
+
+
+async def load(args, wallets, axon_info, count_tokens, run: Run, pid: int | None) -> float:
     started = time.monotonic()
     end = started + args.seconds
-    await asyncio.gather(*(validator(i, w, axon_info, end, run, count_tokens, args.seed + i)
+    await asyncio.gather(sample_rss(pid, started, end, args.rss_every, run),
+                         *(validator(i, w, axon_info, end, run, count_tokens, args.seed + i)
                            for i, w in enumerate(wallets)))
     return time.monotonic() - started
 
@@ -224,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pid", type=int, help="that miner's process id, for its memory")
     parser.add_argument("--model", help="GGUF whose tokenizer counts the tokens served (default: the miner's)")
     parser.add_argument("--miner-log", type=Path, help="keep the started miner's log here (--log-level DEBUG)")
+    parser.add_argument("--rss-every", type=float, default=60, help="seconds between samples of the miner's RSS")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -248,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         axon_info = bt.AxonInfo(version=0, ip=host, port=int(port), ip_type=4, hotkey=miner_hotkey, coldkey="")
         try:
             run.rss_start_mib = rss_mib(pid)
-            seconds = asyncio.run(load(args, wallets, axon_info, count_tokens, run))
+            seconds = asyncio.run(load(args, wallets, axon_info, count_tokens, run, pid))
             run.rss_end_mib = rss_mib(pid)
         finally:
             if proc is not None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+import textwrap
 
 # llama_cpp before numpy/torch: the other order made CUDA model loading segfault (docs/measurements.md).
 with contextlib.suppress(ImportError):
@@ -9,7 +11,9 @@ with contextlib.suppress(ImportError):
 
 import pytest
 
+from backends.custom_command import CustomSettings
 from backends.llama_cpp import LlamaCppSettings
+from miner import examples
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +23,16 @@ def embedded_backend():
     backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="local", n_ctx=8192))
     yield backend
     backend.close()
+
+
+@pytest.fixture
+def writer(tmp_path) -> CustomSettings:
+    """A custom command that writes the example blueprint, meeting the contract: a fallback backend."""
+    path = tmp_path / "writer.py"
+    path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(f"""
+        import json, sys
+        json.load(sys.stdin)
+        print(json.dumps({{"text": json.dumps({examples.BLUEPRINT!r}), "model": "fixture-writer"}}))
+    """))
+    path.chmod(0o755)
+    return CustomSettings(type="custom", name="writer", command=[str(path)])

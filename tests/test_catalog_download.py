@@ -1,6 +1,7 @@
 """Catalog entries and downloads: the real huggingface_hub client against a loopback hub."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from urllib.parse import unquote
 import pytest
 from huggingface_hub import constants
 
-from models import catalog
+from models import catalog, download
 from models.download import (ChecksumMismatchError, GatedRepoAccessError, NotEnoughDiskError,
                              download_quant, yaml_snippet)
 
@@ -266,6 +267,42 @@ def test_full_disk_is_refused_before_downloading(hub: FakeHub, tmp_path: Path,
     assert "needs 7,000 bytes more but only 1,000 bytes is free" in str(err.value)
     assert "--dir" in str(err.value)
     assert hub.gets() == 0
+
+
+class FillsUp:
+    """A file on a disk with `room` bytes left: the write that does not fit fails as a full disk does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            self.f.write(data[:self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
+def test_a_disk_that_fills_up_mid_download_says_so_and_the_next_run_resumes(
+        hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = payload(3 * CHUNK, seed=6)
+    hub.add("tester/Tiny-GGUF", "tiny-Q4_K_M.gguf", data)
+    real_get = download.http_get
+    monkeypatch.setattr(download, "http_get", lambda url, f, **kw: real_get(url, FillsUp(f, CHUNK + 10), **kw))
+    quiet = {"endpoint": hub.url, "log": lambda _: None}
+    with pytest.raises(NotEnoughDiskError) as err:
+        download_quant(tiny_quant("tiny-Q4_K_M.gguf"), tmp_path / "m", **quiet)
+    assert str(tmp_path / "m") in str(err.value) and "disk filled up" in str(err.value)
+    assert "run the same command again to resume" in str(err.value) and "--dir" in str(err.value)
+    assert not (tmp_path / "m" / "tiny-Q4_K_M.gguf").exists()  # never a truncated file under the real name
+    monkeypatch.setattr(download, "http_get", real_get)  # space freed
+    paths = download_quant(tiny_quant("tiny-Q4_K_M.gguf"), tmp_path / "m", **quiet)
+    assert paths[0].read_bytes() == data
+    assert hub.ranges("tester/Tiny-GGUF/tiny-Q4_K_M.gguf")[-1] == f"bytes={CHUNK + 10}-"
 
 
 def test_yaml_quotes_paths_that_need_it(tmp_path: Path) -> None:

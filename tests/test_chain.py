@@ -4,8 +4,6 @@ loopback HTTP server that misbehaves, with a real custom command as the backend 
 from __future__ import annotations
 
 import json
-import sys
-import textwrap
 import time
 from collections import deque
 from pathlib import Path
@@ -142,19 +140,6 @@ def api():
     server.close()
 
 
-@pytest.fixture
-def writer(tmp_path) -> CustomSettings:
-    """A custom command that writes a blueprint meeting the contract."""
-    path = tmp_path / "writer.py"
-    path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(f"""
-        import json, sys
-        json.load(sys.stdin)
-        print(json.dumps({{"text": json.dumps({BLUEPRINT!r}), "model": "fixture-writer"}}))
-    """))
-    path.chmod(0o755)
-    return CustomSettings(type="custom", name="writer", command=[str(path)])
-
-
 def service(*backends) -> StoryService:
     return StoryService(Chain.from_config(backends, ChainSettings()), GenerationSettings())
 
@@ -170,7 +155,7 @@ def test_a_stalled_api_gives_way_to_the_next_backend(api, writer):
     svc = service(cloud(api, timeout_s=2, max_retries=0), writer)
     answer = svc.answer(examples.example_fields("blueprint"))
     assert answer.ok and answer.output["model_info"]["mode"] == "custom"
-    assert answer.output["title"] == BLUEPRINT["title"]
+    assert answer.output["title"] == examples.BLUEPRINT["title"]  # the writer's
     assert "did not answer" in svc.chain.states[0].last_error and "Timeout" in svc.chain.states[0].last_error
 
 
@@ -199,6 +184,24 @@ def test_json_that_breaks_the_contract_is_tried_once_more_then_moves_on(api, wri
     assert answer.ok and answer.output["model_info"]["mode"] == "custom"
     assert len(api.requests) == 2
     assert "setting" in svc.chain.states[0].last_error  # the contract check named what was missing
+
+
+def test_an_api_answer_with_raw_control_characters_in_its_strings_is_read(api, writer):
+    text = json.dumps(BLUEPRINT).replace(BLUEPRINT["setting"][:20], BLUEPRINT["setting"][:20] + "\n\t", 1)
+    assert "\n\t" in text  # a raw newline and tab inside a JSON string: strict json.loads refuses them
+    api.replies.append((200, completion(text)))
+    answer = service(cloud(api), writer).answer(examples.example_fields("blueprint"))
+    assert answer.ok and answer.output["model_info"]["mode"] == "api"
+    assert "\n\t" in answer.output["setting"]
+
+
+def test_an_api_answer_that_is_not_json_is_retried_on_the_same_backend_first(api, writer):
+    api.replies.extend([(200, completion('{"title": "Half an answer", "genre": ')),
+                        (200, completion(json.dumps(BLUEPRINT)))])
+    svc = service(cloud(api), writer)
+    answer = svc.answer(examples.example_fields("blueprint"))
+    assert answer.ok and answer.output["model_info"]["mode"] == "api"
+    assert len(api.requests) == 2 and svc.chain.states[1].served == 0
 
 
 def test_a_rejected_answer_is_retried_once_on_the_same_backend():

@@ -80,6 +80,7 @@ def test_gpu_prepare_makes_a_carry_folder_that_fits(tmp_path):
     assert not any("/vendor/llama.cpp/docs/" in n for n in names)
 
 
+@pytest.mark.slow
 @pytest.mark.long
 def test_the_gpu_check_steps_rehearse_on_the_cpu(tmp_path):
     """gpu_check.py's steps with the tiny shape: what the device call will run, less the CUDA build."""

@@ -154,7 +154,6 @@ def running_miner(tmp_path):
             yield miner, path, health_port, first, second
         finally:
             miner.close()
-            service.chain.close()
 
 
 @pytest.mark.slow
