@@ -79,8 +79,9 @@ def _clean_json(name: str, value: Any, limit: int) -> Any:
                 if not isinstance(k, str):
                     raise TaskInputError(f"{name} has a key of type {type(k).__name__}; JSON keys are strings")
                 size += len(k) + 4
-                copy[clean_text(k)] = None
-                stack.append((v, copy, clean_text(k), depth + 1))
+                k = clean_text(k)
+                copy[k] = None  # keeps the keys' order; the value is filled in when its turn comes
+                stack.append((v, copy, k, depth + 1))
             item = copy
         elif isinstance(item, list):
             copy_list: list[Any] = [None] * len(item)
