@@ -5,6 +5,7 @@ names the key, e.g. `backends.0.n_ctx: Input should be greater than or equal to 
 """
 from __future__ import annotations
 
+import difflib
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -13,7 +14,7 @@ import yaml
 from bittensor_wallet.utils import is_valid_ss58_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from backends import REGISTRY, settings_classes
+from backends import REGISTRY, backend_class, settings_classes
 from backends.llama_cpp import LlamaCppSettings
 from miner.errors import ConfigError
 
@@ -25,6 +26,13 @@ class _Strict(BaseModel):
 # A `backends:` entry is the settings of the backend type it names (each backend module holds its own).
 BackendSettings = Annotated[Union[settings_classes()], Field(discriminator="type")]  # type: ignore[valid-type]
 BACKEND_TYPES = tuple(REGISTRY)
+# `type:` values people write for servers the openai type already covers.
+OPENAI_COMPATIBLE = "use type: openai, which talks to any OpenAI-compatible server"
+TYPE_HINTS = {
+    "ollama": f"{OPENAI_COMPATIBLE}, with base_url: http://127.0.0.1:11434/v1 (ollama's) and model: the name "
+              "`ollama list` shows; api_key_env: null",
+    "vllm": f"{OPENAI_COMPATIBLE}, with base_url: http://HOST:8000/v1 (vLLM's) and api_key_env: null",
+}
 
 
 class WalletSettings(_Strict):
@@ -119,11 +127,39 @@ class Config(_Strict):
         30.0, ge=0, le=300, description="On SIGTERM or SIGINT: how long requests in flight may take to finish "
         "before they are failed with an explicit error. Keep pm2's kill_timeout and systemd's TimeoutStopSec "
         "above it.")
+    allow_demo_model_on_chain: bool = Field(
+        False, description="Let `run` on the chain answer validators with the embedded demo model (a llama_cpp "
+        "backend without model_path); without it, chain mode refuses to start with it. Offline and demo always may.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level (to stderr); the --log-level flag overrides it.")
     backends: list[BackendSettings] = Field(
         default_factory=lambda: [LlamaCppSettings(type="llama_cpp")],  # the embedded demo model
         min_length=1, description="Tried in this order; the first that can serve answers.")
+
+
+def _keys_beside(loc: tuple) -> list[str]:
+    """The keys the YAML may have where an error's location ends (for "did you mean")."""
+    if len(loc) >= 4 and loc[0] == "backends" and loc[2] in REGISTRY:  # backends.N.<type tag>.key
+        return list(backend_class(loc[2]).Settings.model_fields)
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = field.annotation if field else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(model.model_fields)
+
+
+def _hint(e: dict[str, Any]) -> str:
+    if e["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(e["loc"][-1]), _keys_beside(e["loc"]), n=1)
+        return f"; did you mean {close[0]}?" if close else ""
+    if e["type"] == "union_tag_invalid":
+        tag = str(e["ctx"]["tag"])
+        close = difflib.get_close_matches(tag, BACKEND_TYPES, n=1)
+        hint = TYPE_HINTS.get(tag.lower()) or (f"did you mean {close[0]}?" if close else "")
+        return f"; {hint}" if hint else ""
+    return ""
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -133,7 +169,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         loc = e["loc"]
         parts = [p for i, p in enumerate(loc) if not (i and isinstance(loc[i - 1], int) and p in BACKEND_TYPES)]
         dotted = ".".join(str(p) for p in parts if not str(p).startswith(("function-", "tagged-union")))
-        lines.append(f"  {dotted or '(top level)'}: {e['msg']}")
+        lines.append(f"  {dotted or '(top level)'}: {e['msg']}{_hint(e)}")
     return "\n".join(lines)
 
 

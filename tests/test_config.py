@@ -55,8 +55,14 @@ def test_every_config_key_is_in_the_example_file():
 
 @pytest.mark.parametrize("yaml_text,expected", [
     ("backends:\n  - type: llama_cpp\n    n_ctx: 10\n", "backends.0.n_ctx: Value error, must be between 512 and 131072"),
-    ("backends:\n  - type: llama_cpp\n    n_gpu_layer: 3\n", "n_gpu_layer: Extra inputs are not permitted"),
+    ("backends:\n  - type: llama_cpp\n    n_gpu_layer: 3\n",
+     "backends.0.n_gpu_layer: Extra inputs are not permitted; did you mean n_gpu_layers?"),
+    ("walet:\n  name: miner\n", "walet: Extra inputs are not permitted; did you mean wallet?"),
+    ("axon:\n  externalip: 1.2.3.4\n", "axon.externalip: Extra inputs are not permitted; did you mean external_ip?"),
     ("backends:\n  - type: llama\n", "backends.0: Input tag 'llama' found using 'type' does not match"),
+    ("backends:\n  - type: llama\n", "; did you mean llama_cpp?"),
+    ("backends:\n  - type: ollama\n    model: llama3.1\n",
+     "use type: openai, which talks to any OpenAI-compatible server, with base_url: http://127.0.0.1:11434/v1"),
     ("axon:\n  port: 700000\n", "axon.port: Input should be less than or equal to 65535"),
     ("generation:\n  target_s: 90\n", "generation.target_s"),
     ("backends:\n  - type: llama_cpp\n    parallel: 0\n", "backends.0.parallel: Value error, must be between 1"),
@@ -71,6 +77,12 @@ def test_a_wrong_key_or_value_names_the_key(tmp_path, yaml_text, expected):
         load_config(write(tmp_path, yaml_text))
     assert expected in str(err.value)
     assert "config.yaml" in str(err.value)
+
+
+def test_a_key_far_from_any_gets_no_guess(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "generation:\n  colour: blue\n"))
+    assert str(err.value).endswith("generation.colour: Extra inputs are not permitted")
 
 
 def test_the_old_deadline_key_becomes_the_target_with_a_warning(tmp_path):
