@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import importlib.util
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -32,6 +34,10 @@ CTX_STEP = 1024
 # system-RAM read rate seen in docs/measurements.md's partial-offload rows (28/33: 45 tok/s, 20/33: 20.5 tok/s,
 # 16-core server); decode with CPU layers is bound by reading their weights once per token.
 CPU_READ_BYTES_PER_S = 45e9
+# A desktop session on the same card (display server, compositor, browser) commonly holds 0.3-1 GiB of it.
+DESKTOP_SHARE = 512 * MiB
+# A common 6 GB card's memory bandwidth (RTX 2060 and RTX 3060 Laptop: 336 GB/s), to put the bound in figures.
+EXAMPLE_CARD = ("an RTX 2060 6 GB", 336e9)
 KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
 GGML_GPU_DEVICE_TYPES = (1, 2)  # ggml_backend_dev_type: GPU, IGPU
 
@@ -117,17 +123,31 @@ def _usable(budget: int) -> int:
     return budget - max(MARGIN_MIN, int(budget * MARGIN_SHARE))
 
 
+def _two_figures(x: float) -> str:
+    """A rough rate as a reader says it: 104 -> "100", 53.4 -> "53", 7.62 -> "7.6"."""
+    if x < 10:
+        return f"{x:.1f}"
+    return f"{round(x, 1 - math.floor(math.log10(x))):,.0f}"
+
+
 def _speed_note(p: Profile, n: int) -> str:
     if n > p.n_layer:
-        return "every layer on the GPU: full decode speed (docs/measurements.md: 8B Q4_K_M 229 tok/s on an H100)"
+        # every token reads all the weights from VRAM once, so memory bandwidth bounds decode
+        weights = sum(p.layout.block_bytes) + p.layout.output_bytes
+        card, bandwidth = EXAMPLE_CARD
+        return (f"every layer on the GPU: each token reads {weights / GiB:.1f} GiB of weights from VRAM, so decode "
+                f"tops out near {_two_figures(100e9 / weights)} tok/s per 100 GB/s of the card's memory bandwidth "
+                f"({card}: {bandwidth / 1e9:.0f} GB/s, at most {_two_figures(bandwidth / weights)} tok/s), less in "
+                "practice; not measured on a 6 GB card yet (docs/measurements.md's 229 tok/s is an H100's)")
     cpu_blocks = range(p.n_layer - min(n, p.n_layer))
     share = p.n_expert_used / p.n_expert if p.n_expert else 1.0  # MoE: only the chosen experts are read
     per_token = p.layout.output_bytes + sum(
         p.layout.block_bytes[i] - p.layout.expert_bytes[i] * (1 - share) for i in cpu_blocks)
     return (f"{p.n_layer + 1 - n} of {p.n_layer + 1} layers stay on the CPU: {per_token / GiB:.1f} GiB of "
             f"weights are read from system RAM for every token, so decode tops out near "
-            f"{CPU_READ_BYTES_PER_S / per_token:.2g} tok/s on a fast 16-core host and about half that on a "
-            "dual-channel desktop (docs/measurements.md: 8B with 28 of 33 layers 45 tok/s, all 33 229 tok/s)")
+            f"{_two_figures(CPU_READ_BYTES_PER_S / per_token)} tok/s on a fast 16-core host and about half that on "
+            "a dual-channel desktop (docs/measurements.md, an H100 host: 8B with 28 of 33 layers 45 tok/s, all 33 "
+            "229 tok/s)")
 
 
 def _make_plan(p: Profile, n: int, n_ctx: int, kv: str, fa: bool, budget: int | None, source: str,
@@ -200,7 +220,7 @@ def plan_profile(p: Profile, vram_bytes: int | None, budget_source: str = "", *,
     n, ctx, kv, fa = chosen
     if kv == "q8_0" and kv_cache_type == "auto":
         notes.append("KV cache q8_0: an f16 cache of this context does not fit; decode ~12% slower "
-                     "(docs/measurements.md: 202 vs 229 tok/s)")
+                     "(docs/measurements.md, an H100: 202 vs 229 tok/s)")
     return _make_plan(p, n, ctx, kv, fa, vram_bytes, budget_source, notes)
 
 
@@ -300,6 +320,15 @@ def free_vram_bytes() -> int | None:
 
 # ---- CLI ---------------------------------------------------------------------------------------------
 
+def _given_budget_note(p: Profile, budget: int, min_ctx: int) -> str:
+    """What --vram-gb assumes, and the plan with a desktop on the same card."""
+    shared = plan_profile(p, budget - DESKTOP_SHARE, min_ctx=min_ctx)
+    return (f"--vram-gb plans for {budget / GiB:g} GiB free: a card with nothing else on it. A desktop on the same "
+            f"card commonly holds 0.3-1 GiB; with {(budget - DESKTOP_SHARE) / GiB:g} GiB free this becomes "
+            f"{shared.n_gpu_layers} of {shared.n_layer + 1} layers on the GPU and {shared.n_ctx} context. "
+            "`nvidia-smi` shows what is free; without --vram-gb the miner plans with what is free when it starts")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m miner fit", description=(
         "Plan n_gpu_layers, context length, KV cache type and flash attention for a GGUF model."))
@@ -321,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             budget, source = _probe_vram() or (None, _no_gpu_reason())
         result = plan_profile(profile, budget, source, min_ctx=args.min_ctx)
+        if args.vram_gb is not None:
+            result = dataclasses.replace(result, notes=result.notes + [_given_budget_note(profile, budget, args.min_ctx)])
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

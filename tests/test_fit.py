@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import llama_cpp  # before numpy: the other order made CUDA model loading segfault (docs/measurements.md)
@@ -189,3 +191,33 @@ def test_fit_cli_prints_the_table_or_json(capsys: pytest.CaptureFixture[str]) ->
     assert 0 < out["n_gpu_layers"] < 33 and out["estimated_vram_bytes"] <= 6 * GiB
     assert fit.main(["--model", "no-such-model"]) == 1
     assert "scripts/download_model.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rate, said", [(104.2, "100"), (53.4, "53"), (1234.0, "1,200"), (7.62, "7.6"), (0.84, "0.8")])
+def test_rates_are_said_in_two_figures_never_in_exponents(rate: float, said: str) -> None:
+    assert fit._two_figures(rate) == said
+
+
+def test_the_5_5_gib_plan_says_100_tok_s_not_1e_02() -> None:
+    output_layer_on_the_cpu = fit.plan("llama-3.1-8b", vram_bytes=int(5.5 * GiB))
+    assert output_layer_on_the_cpu.n_gpu_layers == 32
+    assert "tops out near 100 tok/s" in " ".join(output_layer_on_the_cpu.notes)
+
+
+def test_6_gb_figures_say_what_they_assume(capsys: pytest.CaptureFixture[str]) -> None:
+    assert fit.main(["--model", "llama-3.1-8b", "--vram-gb", "6"]) == 0
+    table = capsys.readouterr().out
+    assert "--vram-gb plans for 6 GiB free: a card with nothing else on it" in table
+    assert "with 5.5 GiB free this becomes 32 of 33 layers on the GPU and 4096 context" in table
+    # the speed is a bound from the card's bandwidth, not an H100's measured figure passed off as a 6 GB card's
+    assert "tok/s per 100 GB/s of the card's memory bandwidth" in table and "not measured on a 6 GB card" in table
+    assert "full decode speed" not in table
+
+
+def test_fit_piped_into_a_reader_that_left_ends_without_a_traceback() -> None:
+    reader_gone = subprocess.Popen([sys.executable, "-m", "miner", "fit", "--model", "llama-3.1-8b", "--vram-gb", "6"],
+                                   cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader_gone.stdout.close()  # before the table is written: every write meets a closed pipe, as after `| head`
+    err = reader_gone.stderr.read().decode()
+    assert reader_gone.wait(timeout=60) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
