@@ -9,10 +9,10 @@ import signal
 import sys
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from miner.config import Config, load_config
-from miner.errors import ConfigError
+from miner.errors import ConfigError, StartupError
 
 log = logging.getLogger("miner")
 
@@ -47,21 +47,23 @@ def _build_service(config: Config):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bittensor_wallet import Wallet
+    source = str(args.config) if args.config else "the built-in defaults (no --config)"
+    return serve(_load(args), args.offline, source)
 
-    from miner.neuron import Miner, StartupError
-    config = _load(args)
-    service = _build_service(config)
-    w = config.wallet
-    miner = Miner(config, service, Wallet(name=w.name, hotkey=w.hotkey, path=w.path), offline=args.offline)
+
+def serve(config: Config, offline: bool, source: str, connect: Callable[..., Any] | None = None,
+          build_service: Callable[[Config], Any] = _build_service) -> int:
+    """Check everything that can fail at start (miner/startup.py) before the model loads, then serve until
+    SIGINT/SIGTERM. connect (the chain) and build_service are what tests replace."""
+    from miner import startup
+    from miner.neuron import Miner
+    config, wallet, subtensor = startup.check(config, offline, source, connect)
+    miner = Miner(config, build_service(config), wallet, offline=offline, subtensor=subtensor)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: miner.stop())
     try:
         miner.start()
         miner.run_until_stopped()
-    except StartupError as e:
-        log.error("%s", e)
-        return 2
     finally:
         miner.close()
     log.info("stopped")
@@ -141,6 +143,6 @@ def _dispatch(argv: list[str]) -> int:
     from backends.base import BackendError
     try:
         return args.func(args)
-    except (ConfigError, BackendError) as e:
+    except (ConfigError, StartupError, BackendError) as e:
         log.error("%s", e)
         return 2

@@ -1,6 +1,7 @@
 """The neuron: an Axon serving StoryGenerationSynapse with forward, blacklist and priority.
 
-Chain mode checks the hotkey is registered, serves the axon on chain and resyncs the metagraph.
+Chain mode serves the axon on chain and resyncs the metagraph; miner/startup.py has checked the wallet,
+the chain and the registration before.
 Offline mode listens on 127.0.0.1 only, touches no chain, and answers only allowlisted hotkeys.
 Identity comes only from `synapse.dendrite.hotkey`.
 No `from __future__ import annotations` here: Axon.attach() inspects the real annotation objects.
@@ -22,6 +23,7 @@ from bittensor_wallet import Wallet
 
 from miner import __version__
 from miner.config import Config
+from miner.errors import StartupError
 from miner.health_monitor import HealthMonitor
 from miner.protocol import StoryGenerationSynapse, unknown_model_info
 from miner.service import Answer, StoryService, clean_text
@@ -36,10 +38,6 @@ AXON_START_TIMEOUT_S = 10.0
 FORWARD_THREADS = 32
 CLOSE_WAIT_S = 10.0  # after the grace: for failed answers to reach their callers
 SHUTTING_DOWN = "the miner is shutting down; ask again after it restarts"
-
-
-class StartupError(Exception):
-    """The miner cannot start; the message says what to fix."""
 
 
 @contextlib.contextmanager
@@ -87,7 +85,8 @@ class CallerTable:
 
 
 class Miner:
-    def __init__(self, config: Config, service: StoryService, wallet: Wallet, *, offline: bool):
+    def __init__(self, config: Config, service: StoryService, wallet: Wallet, *, offline: bool, subtensor=None):
+        """subtensor: chain mode's connection, checked by miner/startup.py (an in-memory one in tests)."""
         self.config = config
         self.service = service
         self.wallet = wallet
@@ -95,7 +94,7 @@ class Miner:
         self.allowed = set(config.offline.allowed_hotkeys)
         self.force_allowed = frozenset(config.blacklist.force_allow)
         self.callers = CallerTable()
-        self.subtensor = None
+        self.subtensor = subtensor
         self.metagraph = None
         self.axon: bt.Axon | None = None
         self._executor = ThreadPoolExecutor(max_workers=FORWARD_THREADS, thread_name_prefix="forward")
@@ -160,18 +159,11 @@ class Miner:
         return caller.stake if caller else 0.0
 
     # --- lifecycle ---------------------------------------------------------------------------------
-    def _connect_chain(self) -> None:
-        s = self.config.subtensor
-        self.subtensor = bt.Subtensor(network=s.chain_endpoint or s.network)
-        hotkey = self.wallet.hotkey.ss58_address
-        if not self.subtensor.is_hotkey_registered(hotkey_ss58=hotkey, netuid=self.config.netuid):
-            raise StartupError(
-                f"hotkey {hotkey} ({self.config.wallet.name}/{self.config.wallet.hotkey}) is not registered on "
-                f"netuid {self.config.netuid}: register it with `btcli subnet register --netuid "
-                f"{self.config.netuid} --wallet.name {self.config.wallet.name} --wallet.hotkey "
-                f"{self.config.wallet.hotkey}`, or try the miner with --offline")
-        self.metagraph = self.subtensor.metagraph(self.config.netuid)
-        self.callers.update(self.metagraph)
+    def _serve_on_chain(self, axon: bt.Axon) -> None:
+        """Advertise the axon for this hotkey."""
+        served = self.subtensor.serve_axon(netuid=self.config.netuid, axon=axon)
+        if not served.success:  # validators find the old entry or none
+            log.warning("serving the axon on chain failed: %s", served.message)
 
     def start(self) -> bt.Axon:
         a = self.config.axon
@@ -180,16 +172,17 @@ class Miner:
                 axon = bt.Axon(wallet=self.wallet, port=a.port, ip=LOOPBACK, external_ip=LOOPBACK)
             axon.fast_server.config.host = LOOPBACK  # Axon binds 0.0.0.0 whatever ip= says
         else:
-            self._connect_chain()
+            self.metagraph = self.subtensor.metagraph(self.config.netuid)
+            self.callers.update(self.metagraph)
             axon = bt.Axon(wallet=self.wallet, port=a.port, ip=a.ip, external_ip=a.external_ip,
                            external_port=a.external_port)
             axon.fast_server.config.host = a.ip
         axon.attach(forward_fn=self.forward, blacklist_fn=self.blacklist, priority_fn=self.priority)
-        if not self.offline:
-            axon.serve(netuid=self.config.netuid, subtensor=self.subtensor)
         axon.start()
         self.axon = axon
         self._wait_listening(axon)
+        if not self.offline:
+            self._serve_on_chain(axon)
         self.health = HealthMonitor(self.config, self.service.chain, (axon.fast_server.config.host, a.port))
         self.health.start()
         log.info("axon serving StoryGenerationSynapse on %s:%d (%s)", axon.fast_server.config.host, a.port,
