@@ -1,7 +1,8 @@
 """Health: what state the miner is in, for the operator and for pm2, systemd, docker or an uptime monitor.
 
-healthy (exit 0): the first backend in YAML order can serve. degraded (exit 1): only a fallback can.
-down (exit 2): no backend can serve, the config is broken, or a running miner's axon does not answer.
+healthy (exit 0): the first backend in YAML order can serve. degraded (exit 1): only a fallback can, or
+(chain mode) validators cannot reach the miner. down (exit 2): no backend can serve, the config is broken,
+or a running miner's axon does not answer.
 
 `python -m miner health [--json] [--config FILE]` asks the running miner first (GET /health on
 127.0.0.1:health.port), so a health check never loads a second copy of the model into VRAM. When no
@@ -10,6 +11,8 @@ layers are asked for, a tiny real generation; API key present and a cheap real c
 The running miner re-checks every health.interval_s, logs changes, and serves the same report
 (miner/health_monitor.py). Each backend checks its own settings in its health() (backends/).
 `--running` (for watchdogs) asks only the running miner: none answering is down, and nothing is loaded.
+A miner on the chain adds its reachability (miner/reachability.py): the axon the chain advertises for its
+hotkey against the one it serves, and whether validators' requests arrive.
 """
 from __future__ import annotations
 
@@ -33,6 +36,11 @@ ANY_HOST = ("0.0.0.0", "", "::")
 STATUS_EXIT = {"healthy": 0, "degraded": 1, "down": 2}
 STATE_WORDS = {True: "ok", False: "down", None: "-"}
 CONNECT_TIMEOUT_S = 2.0
+EXIT_CODES = """exit codes:
+  0  healthy: the first backend in the YAML serves
+  1  degraded: only a fallback serves, or validators cannot reach the miner (alert, do not restart)
+  2  down: no backend can serve, the config is broken, the axon does not accept connections, or with
+     --running no running miner answered (restart)"""
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,14 @@ NOT_CHECKED = AxonState("-", None, "not checked")
 
 
 @dataclass(frozen=True)
+class Check:
+    """One more thing the running miner judges, a row of the report: False degrades it."""
+    name: str
+    ok: bool | None
+    detail: str
+
+
+@dataclass(frozen=True)
 class HealthReport:
     status: str  # healthy, degraded or down
     summary: str
@@ -55,24 +71,30 @@ class HealthReport:
     checked_at: str
     backends: tuple[BackendStatus, ...]
     axon: AxonState
+    checks: tuple[Check, ...] = ()
 
     @property
     def exit_code(self) -> int:
         return STATUS_EXIT[self.status]
 
     @classmethod
-    def of(cls, backends: list[BackendStatus], axon: AxonState, config: str, checked_by: str) -> HealthReport:
+    def of(cls, backends: list[BackendStatus], axon: AxonState, config: str, checked_by: str,
+           checks: tuple[Check, ...] = ()) -> HealthReport:
         usable = [b for b in backends if b.ok]
+        failed = [c.name for c in checks if c.ok is False]
         if not usable:
             status, summary = "down", "no backend can serve"
         elif axon.ok is False:
             status, summary = "down", f"the axon at {axon.address} does not accept connections"
-        elif backends[0].ok:
+        elif backends[0].ok and not failed:
             status, summary = "healthy", f"serving on {usable[0].name}"
+        elif backends[0].ok:
+            status = "degraded"
+            summary = f"serving on {usable[0].name}, but validators may not reach it: see {' and '.join(failed)} below"
         else:
             status, summary = "degraded", f"serving on fallback {usable[0].name} ({backends[0].name} is down)"
         return cls(status, summary, usable[0].name if usable else None, config, checked_by,
-                   datetime.now(timezone.utc).isoformat(timespec="seconds"), tuple(backends), axon)
+                   datetime.now(timezone.utc).isoformat(timespec="seconds"), tuple(backends), axon, tuple(checks))
 
     @classmethod
     def down(cls, summary: str, config: str, checked_by: str) -> HealthReport:
@@ -90,7 +112,7 @@ class HealthReport:
                 raise ValueError(f"unknown status {data['status']!r}")
             return cls(data["status"], data["summary"], data["serving"], data["config"], data["checked_by"],
                        data["checked_at"], tuple(BackendStatus(**b) for b in data["backends"]),
-                       AxonState(**data["axon"]))
+                       AxonState(**data["axon"]), tuple(Check(**c) for c in data.get("checks", ())))
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a health report: {type(e).__name__}: {e}") from None
 
@@ -101,6 +123,7 @@ class HealthReport:
         rows = [("BACKEND", "TYPE", "MODE", "STATE", "DETAIL")]
         rows += [(b.name, b.type, b.mode, STATE_WORDS[b.ok], b.detail) for b in self.backends]
         rows.append(("axon", "", "", STATE_WORDS[self.axon.ok], f"{self.axon.address}: {self.axon.detail}"))
+        rows += [(c.name, "", "", STATE_WORDS[c.ok], c.detail) for c in self.checks]
         widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
         lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) + "  " + str(r[4]) for r in rows]
         return "\n".join(lines)
@@ -157,7 +180,8 @@ def _not_running(port: int, wait: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m miner health", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m miner health", description=__doc__.split("\n\n")[0],
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML config (default: built-in defaults)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for a running miner's GET /health")

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from backends.chain import Chain
 from miner.config import Config
 from miner.errors import ConfigError
-from miner.health import LOOPBACK, STATE_WORDS, HealthReport, axon_state
+from miner.health import LOOPBACK, STATE_WORDS, Check, HealthReport, axon_state
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,12 @@ class HealthServer:
 class HealthMonitor:
     """Re-checks the backends every health.interval_s (rebuilding ones that could not be built, so a
     model file put back heals without a restart), logs changes of state, and serves the report on
-    GET /health when health.port is set."""
+    GET /health when health.port is set. `checks` adds rows of the miner's own (chain mode: reachability)."""
 
-    def __init__(self, config: Config, chain: Chain, axon: tuple[str, int], source: str = "the running miner's config"):
+    def __init__(self, config: Config, chain: Chain, axon: tuple[str, int], source: str = "the running miner's config",
+                 checks: Callable[[], tuple[Check, ...]] | None = None):
         self.config, self.chain, self.axon, self.source = config, chain, axon, source
+        self.checks = checks or (lambda: ())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="health-check", daemon=True)
         self._last: HealthReport | None = None
@@ -88,7 +90,7 @@ class HealthMonitor:
 
     def report(self) -> HealthReport:
         return HealthReport.of(self.chain.snapshot(), axon_state(*self.axon, expected=True), self.source,
-                               f"running miner (pid {os.getpid()})")
+                               f"running miner (pid {os.getpid()})", self.checks())
 
     def check_now(self) -> HealthReport:
         self.chain.probe(rebuild=True)
@@ -102,6 +104,10 @@ class HealthMonitor:
             if before.get(b.name) != b.ok:
                 level = logging.INFO if b.ok else logging.WARNING
                 log.log(level, "backend %s is %s: %s", b.name, STATE_WORDS[b.ok], b.detail)
+        checked = {c.name: c.ok for c in self._last.checks} if self._last else {}
+        for c in report.checks:
+            if c.ok is not None and checked.get(c.name) != c.ok:
+                log.log(logging.INFO if c.ok else logging.WARNING, "%s: %s", c.name, c.detail)
         if self._last is None or report.status != self._last.status:
             level = logging.INFO if report.status == "healthy" else logging.WARNING
             log.log(level, "health: %s (%s)", report.status, report.summary)

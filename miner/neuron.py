@@ -1,7 +1,7 @@
 """The neuron: an Axon serving StoryGenerationSynapse with forward, blacklist and priority.
 
-Chain mode serves the axon on chain and resyncs the metagraph; miner/startup.py has checked the wallet,
-the chain and the registration before.
+Chain mode serves the axon on chain, resyncs the metagraph, and checks that validators can reach it
+(miner/reachability.py); miner/startup.py has checked the wallet, the chain and the registration before.
 Offline mode listens on 127.0.0.1 only, touches no chain, and answers only allowlisted hotkeys.
 Identity comes only from `synapse.dendrite.hotkey`.
 No `from __future__ import annotations` here: Axon.attach() inspects the real annotation objects.
@@ -21,11 +21,13 @@ from typing import Iterator
 import bittensor as bt
 from bittensor_wallet import Wallet
 
-from miner import __version__
+from miner import __version__, reachability
 from miner.config import Config
 from miner.errors import StartupError
+from miner.health import Check
 from miner.health_monitor import HealthMonitor
 from miner.protocol import StoryGenerationSynapse, unknown_model_info
+from miner.reachability import Endpoint
 from miner.service import Answer, StoryService, clean_text
 from miner.tasks import TASKS
 
@@ -96,6 +98,11 @@ class Miner:
         self.callers = CallerTable()
         self.subtensor = subtensor
         self.metagraph = None
+        self._advertised: Endpoint | None = None  # this hotkey's axon on chain, as of the last sync
+        self._served_at = 0.0
+        self._last_request: float | None = None  # from a registered hotkey: a validator
+        self._refused = 0
+        self._last_refusal: str | None = None
         self.axon: bt.Axon | None = None
         self._executor = ThreadPoolExecutor(max_workers=FORWARD_THREADS, thread_name_prefix="forward")
         self._stop = threading.Event()
@@ -111,6 +118,8 @@ class Miner:
                   ("task_type", "user_input", "blueprint", "characters", "story_arc", "chapter_ids")}
         caller = synapse.dendrite.hotkey if synapse.dendrite else None
         known = self.callers.get(caller) if caller else None
+        if known is not None:
+            self._last_request = arrived
         with self._idle:
             self._in_flight += 1
         try:
@@ -137,7 +146,13 @@ class Miner:
         return synapse
 
     async def blacklist(self, synapse: StoryGenerationSynapse) -> typing.Tuple[bool, str]:
-        hotkey = synapse.dendrite.hotkey if synapse.dendrite else None
+        refused, why = self._judge(synapse.dendrite.hotkey if synapse.dendrite else None)
+        if refused:
+            self._refused += 1
+            self._last_refusal = why
+        return refused, why
+
+    def _judge(self, hotkey: str | None) -> tuple[bool, str]:
         if not hotkey:
             return True, "request carries no hotkey"
         if self.offline:
@@ -160,10 +175,14 @@ class Miner:
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def _serve_on_chain(self, axon: bt.Axon) -> None:
-        """Advertise the axon for this hotkey."""
+        """Advertise the axon for this hotkey, then read back what the chain now says."""
         served = self.subtensor.serve_axon(netuid=self.config.netuid, axon=axon)
-        if not served.success:  # validators find the old entry or none
+        if not served.success:  # validators find the old entry or none: the reachability check says which
             log.warning("serving the axon on chain failed: %s", served.message)
+        try:
+            self.resync()
+        except Exception as e:  # a flaky chain endpoint: the next resync reads it back
+            log.warning("reading the axon back from the chain failed: %s", e)
 
     def start(self) -> bt.Axon:
         a = self.config.axon
@@ -173,7 +192,7 @@ class Miner:
             axon.fast_server.config.host = LOOPBACK  # Axon binds 0.0.0.0 whatever ip= says
         else:
             self.metagraph = self.subtensor.metagraph(self.config.netuid)
-            self.callers.update(self.metagraph)
+            self._read_metagraph()
             axon = bt.Axon(wallet=self.wallet, port=a.port, ip=a.ip, external_ip=a.external_ip,
                            external_port=a.external_port)
             axon.fast_server.config.host = a.ip
@@ -183,7 +202,9 @@ class Miner:
         self._wait_listening(axon)
         if not self.offline:
             self._serve_on_chain(axon)
-        self.health = HealthMonitor(self.config, self.service.chain, (axon.fast_server.config.host, a.port))
+        self._served_at = time.monotonic()
+        self.health = HealthMonitor(self.config, self.service.chain, (axon.fast_server.config.host, a.port),
+                                    checks=None if self.offline else self.reach_checks)
         self.health.start()
         log.info("axon serving StoryGenerationSynapse on %s:%d (%s)", axon.fast_server.config.host, a.port,
                  "offline, allowlist only" if self.offline else f"netuid {self.config.netuid}")
@@ -203,7 +224,19 @@ class Miner:
     def resync(self) -> None:
         if self.metagraph is not None:
             self.metagraph.sync(subtensor=self.subtensor)
-            self.callers.update(self.metagraph)
+            self._read_metagraph()
+
+    def _read_metagraph(self) -> None:
+        self.callers.update(self.metagraph)
+        self._advertised = reachability.advertised(self.metagraph, self.wallet.hotkey.ss58_address)
+
+    def reach_checks(self) -> tuple[Check, ...]:
+        """Chain mode: the chain's entry for this axon, and whether validators' requests arrive."""
+        served = Endpoint(self.axon.external_ip, self.axon.external_port)
+        chain = reachability.chain_finding(self._advertised, served, self.axon.port)
+        requests = reachability.requests_finding(time.monotonic(), self._served_at, self._last_request,
+                                                 self._refused, self._last_refusal, served)
+        return Check("chain", *chain), Check("requests", *requests)
 
     def run_until_stopped(self) -> None:
         """Serve until stop() (SIGINT/SIGTERM); chain mode resyncs the metagraph on the way."""

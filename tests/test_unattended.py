@@ -69,6 +69,14 @@ def test_the_watchdog_check_needs_the_health_port(tmp_path, capsys):
     assert "health.port is 0 in the config; set it" in capsys.readouterr().out
 
 
+def test_health_help_lists_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as done:
+        health_main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit codes:\n  0  healthy" in out and "\n  1  degraded" in out and "\n  2  down" in out
+
+
 def generate(config: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "miner", "generate", "--task", "blueprint", "--input", "x",
                            "--config", str(config), *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
