@@ -40,9 +40,9 @@ def check_model(config: Config, offline: bool, source: str) -> None:
 
 def _user() -> str:
     try:
-        return f"{pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()})"
+        return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:  # a container user without a passwd entry
-        return f"uid {os.geteuid()}"
+        return str(os.geteuid())
 
 
 def _check_keyfile(keyfile: Any, what: str, config: Config) -> None:
@@ -54,11 +54,11 @@ def _check_keyfile(keyfile: Any, what: str, config: Config) -> None:
             f"{w.path}): copy hotkeys/{w.hotkey} and coldkeypub.txt from the machine where the wallet was made "
             "(README, \"Mining on subnet 92\"), or point --wallet.name, --wallet.hotkey, --wallet.path at them")
     if not keyfile.is_readable():
-        st = os.stat(path)
+        st, user = os.stat(path), _user()
         raise StartupError(
-            f"wallet: {what} {path} cannot be read by {_user()}: it belongs to uid {st.st_uid} with mode "
-            f"{st.st_mode & 0o777:o}; run the miner as the wallet's owner (systemd User=, or the user that runs "
-            f"pm2), or give the file to this user (`sudo chown $USER {path}`)")
+            f"wallet: {what} {path} cannot be read by user {user} (uid {os.geteuid()}): it belongs to uid "
+            f"{st.st_uid} with mode {st.st_mode & 0o777:o}; run the miner as the wallet's owner (systemd User=, "
+            f"or the user that runs pm2), or give the file to this user (`sudo chown {user} {path}`)")
     if keyfile.is_encrypted():
         raise StartupError(
             f"wallet: {what} {path} is encrypted, and a miner running unattended has no one to type its password: "
@@ -122,9 +122,9 @@ def connect_chain(config: Config, wallet: Wallet, connect: Callable[..., Any] | 
     s = config.subtensor
     key, endpoint = (("subtensor.chain_endpoint", s.chain_endpoint) if s.chain_endpoint
                      else ("subtensor.network", s.network))
+    hotkey = wallet.hotkey.ss58_address
     try:
         subtensor = (connect or bt.Subtensor)(network=endpoint)
-        hotkey = wallet.hotkey.ss58_address
         registered = subtensor.is_hotkey_registered(hotkey_ss58=hotkey, netuid=config.netuid)
     except Exception as e:  # websockets, DNS and substrate errors alike: the chain cannot be used from here
         raise StartupError(f"{key} {endpoint}: cannot reach the chain ({_why(e)}); check the "
