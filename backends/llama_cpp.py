@@ -34,7 +34,7 @@ from models.embedded import DISPLAY_NAME, EmbeddedModelMissing, embedded_model_p
 
 log = logging.getLogger(__name__)
 
-GET_A_MODEL = ("get one with `python scripts/download_model.py llama-3.1-8b` (or convert your own with "
+GET_A_MODEL = ("get one with `.venv/bin/python scripts/download_model.py llama-3.1-8b` (or convert your own with "
                "scripts/convert_model.py), or leave model_path empty to use the embedded demo model")
 # What one request needs of the KV cache: its prompt, and the longest answer the miner must be able to
 # write at its floors (a 1000-character chapter with its title and choices) in the densest script.

@@ -33,10 +33,10 @@ def _local(old: dict[str, Any], notes: list[str], section: str) -> dict[str, Any
     if known is not None:
         entry["model_path"] = f"models/{known.quant('Q4_K_M').files[0]}"
         notes.append(f"{section}.model_name {repo}: the miner runs its Q4 GGUF in llama.cpp; get it with "
-                     f"`python scripts/download_model.py {known.name}`")
+                     f"`.venv/bin/python scripts/download_model.py {known.name}`")
     elif repo:
         entry["model_path"] = f"models/{repo.split('/')[-1]}-Q4_K_M.gguf"
-        notes.append(f"{section}.model_name {repo}: not in the catalog; make its Q4 GGUF with `python "
+        notes.append(f"{section}.model_name {repo}: not in the catalog; make its Q4 GGUF with `.venv/bin/python "
                      f"scripts/convert_model.py {repo} --out {entry['model_path']}`")
     if old.get("device") == "cpu":
         entry["n_gpu_layers"] = 0

@@ -224,7 +224,7 @@ def load_profile(model: str | Path, quant: str = "Q4_K_M") -> Profile:
                        estimate_layout(s, q.quant, legacy_moe_mix=q.legacy_moe_mix),
                        s.n_expert, s.n_expert_used)
     raise FileNotFoundError(f"{model}: no such GGUF file and not a catalog name ({', '.join(MODELS)}); "
-                            "download one with: python scripts/download_model.py NAME")
+                            "download one with: .venv/bin/python scripts/download_model.py NAME")
 
 
 def _gguf_parts(path: Path) -> list[Path]:
