@@ -57,7 +57,7 @@ def _check_keyfile(keyfile: Any, what: str, config: Config) -> None:
         st, user = os.stat(path), _user()
         raise StartupError(
             f"wallet: {what} {path} cannot be read by user {user} (uid {os.geteuid()}): it belongs to uid "
-            f"{st.st_uid} with mode {st.st_mode & 0o777:o}; run the miner as the wallet's owner (systemd User=, "
+            f"{st.st_uid} with mode {st.st_mode & 0o777:03o}; run the miner as the wallet's owner (systemd User=, "
             f"or the user that runs pm2), or give the file to this user (`sudo chown {user} {path}`)")
     if keyfile.is_encrypted():
         raise StartupError(
