@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.chain import BackendStatus, Chain
+from backends.llama_build import system_info
 from miner.config import Config, load_config
 from miner.errors import ConfigError
 
@@ -55,6 +56,7 @@ class HealthReport:
     checked_at: str
     backends: tuple[BackendStatus, ...]
     axon: AxonState
+    build: str  # the llama.cpp build's features where the report was made: a crash report needs them
 
     @property
     def exit_code(self) -> int:
@@ -72,7 +74,7 @@ class HealthReport:
         else:
             status, summary = "degraded", f"serving on fallback {usable[0].name} ({backends[0].name} is down)"
         return cls(status, summary, usable[0].name if usable else None, config, checked_by,
-                   datetime.now(timezone.utc).isoformat(timespec="seconds"), tuple(backends), axon)
+                   datetime.now(timezone.utc).isoformat(timespec="seconds"), tuple(backends), axon, system_info())
 
     @classmethod
     def down(cls, summary: str, config: str, checked_by: str) -> HealthReport:
@@ -90,14 +92,15 @@ class HealthReport:
                 raise ValueError(f"unknown status {data['status']!r}")
             return cls(data["status"], data["summary"], data["serving"], data["config"], data["checked_by"],
                        data["checked_at"], tuple(BackendStatus(**b) for b in data["backends"]),
-                       AxonState(**data["axon"]))
+                       AxonState(**data["axon"]), data.get("build", "unknown"))
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a health report: {type(e).__name__}: {e}") from None
 
     def render(self) -> str:
         """The short human table."""
         lines = [f"{self.status.upper()} (exit {self.exit_code}): {self.summary}",
-                 f"config: {self.config}; checked by {self.checked_by} at {self.checked_at}"]
+                 f"config: {self.config}; checked by {self.checked_by} at {self.checked_at}",
+                 f"llama.cpp build: {self.build}"]
         rows = [("BACKEND", "TYPE", "MODE", "STATE", "DETAIL")]
         rows += [(b.name, b.type, b.mode, STATE_WORDS[b.ok], b.detail) for b in self.backends]
         rows.append(("axon", "", "", STATE_WORDS[self.axon.ok], f"{self.axon.address}: {self.axon.detail}"))
