@@ -90,6 +90,7 @@ class Generation:
     schema: dict[str, Any] | None = None  # the schema the answer was held to, when the backend sized it
     cached_tokens: int = 0  # prompt tokens whose KV cache an earlier request had already computed
     forced_tokens: int = 0  # completion tokens the schema dictated, evaluated in batches
+    first_token_s: float | None = None  # from the request's arrival at the backend, where it measures it
 
 
 @dataclass(frozen=True)

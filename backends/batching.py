@@ -2,9 +2,10 @@
 
 As in llama.cpp's server: each request holds a slot, a sequence with its own part of the KV cache; requests
 join and leave between steps; prompts are prefilled in chunks beside the slots already decoding; a prompt
-reuses the cells of the earlier one on its slot it shares a prefix with. Requests beyond `parallel` wait,
-the caller with more stake first, then by arrival. llama-cpp-python's Llama class can do none of this
-(facts.md), hence this. All llama.cpp work happens on the engine's one thread; others submit and wait.
+reuses the cells of the earlier one on its slot it shares a prefix with, and copies those of another slot
+when that one holds more of it (a burst of identical requests evaluates its prompt once). Requests beyond
+`parallel` wait, the caller with more stake first, then by arrival. llama-cpp-python's Llama class can do
+none of this (facts.md), hence this. All llama.cpp work happens on the engine's one thread; others submit and wait.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ MAX_PREFILL_SHARE = 0.5
 FILL_UNKNOWN, FILL_MARGIN, FILL_EMA = 0.8, 0.2, 0.3  # how much of its worst case an answer writes
 WARM_UP_STEPS = 12
 WARM_UP_SHORT = 32  # prompt tokens of the warm-up's extra sequences
+MIN_SHARED = 64  # prompt tokens worth copying from another sequence rather than evaluating
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Job:
     forced: int = 0
     reused: int = 0
     started: float = 0.0
+    first_token: float = 0.0  # when the first answer token was sampled
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Result:
     queued_s: float
     note: str
     schema: dict[str, Any] | None
+    first_token_s: float | None  # from arrival; None when the answer ended before its first token
 
 
 @dataclass(order=True)
@@ -105,8 +109,9 @@ def _shared(a: list[int], b: list[int]) -> int:
 
 
 class Engine:
-    def __init__(self, model: Model, ctx: Context, vocab: Vocabulary, parallel: int):
+    def __init__(self, model: Model, ctx: Context, vocab: Vocabulary, parallel: int, share_prefixes: bool = True):
         self.model, self.ctx, self.vocab, self.parallel = model, ctx, vocab, parallel
+        self.share_prefixes = share_prefixes  # copy a prompt start another sequence holds (bench.py compares)
         self.speed: Speed | None = None  # measured by start()
         self.slots = [Slot(seq) for seq in range(parallel)]
         self.batch = Batch(ctx.n_batch)
@@ -281,6 +286,10 @@ class Engine:
                            key=lambda s: s.ticket.order):
             if budget <= 0:
                 break
+            if self.share_prefixes:
+                if self._leader_ahead(slot):
+                    continue  # the same prompt start is being evaluated for another request: wait and copy it
+                self._borrow(slot)
             job = slot.job
             chunk = job.prompt[job.done_prompt:job.done_prompt + budget]
             last = job.done_prompt + len(chunk) == len(job.prompt)
@@ -304,6 +313,40 @@ class Engine:
                                     sum(len(slot.cached) for slot in decoding))
         self._sample(rows)
         self._enforce_limits()
+
+    def _shareable(self, job: Job, tokens: list[int]) -> int:
+        """How much of job's prompt `tokens` starts with, when that is worth a copy; else 0. The last prompt
+        token is always evaluated: its logits start the answer."""
+        n = min(_shared(tokens, job.prompt), len(job.prompt) - 1)
+        return n if n >= job.done_prompt + MIN_SHARED else 0
+
+    def _leader_ahead(self, slot: Slot) -> bool:
+        """Whether a request ahead of this one is still evaluating a prompt start they share."""
+        job = slot.job
+        for other in self.slots:
+            lead = other.job
+            if (other is not slot and lead is not None and other.ticket.order < slot.ticket.order
+                    and lead.done_prompt < self._shareable(job, lead.prompt)):
+                return True
+        return False
+
+    def _borrow(self, slot: Slot) -> None:
+        """Copy the KV cells of the longest start of this prompt that another sequence holds (bursts of
+        identical requests: one prefill); sampling stays each request's own."""
+        job = slot.job
+        best, keep = None, 0
+        for other in self.slots:
+            n = self._shareable(job, other.cached) if other is not slot else 0
+            if n > keep:
+                best, keep = other, n
+        if best is None:
+            return
+        slot.cached = []  # first: if the copy fails, this slot holds nothing known
+        self.ctx.share(best.seq, slot.seq, keep)
+        slot.cached = job.prompt[:keep]
+        job.reused += keep - job.done_prompt
+        job.done_prompt = keep
+        log.debug("seq %d: %d prompt tokens copied from seq %d", slot.seq, keep, best.seq)
 
     def _account(self, added: dict[int, int], chunks: dict[int, int]) -> None:
         """The batch is in the cache now: record which tokens each sequence holds."""
@@ -341,6 +384,8 @@ class Engine:
         if self.model.is_eog(token):
             self._finish(slot, "stop")
             return
+        if not job.out:
+            job.first_token = time.monotonic()
         job.out.append(token)
         job.pending = [token]
         if job.matcher is not None:
@@ -381,7 +426,7 @@ class Engine:
             old = self._fill.get(job.shape, FILL_UNKNOWN)
             self._fill[job.shape] = old + FILL_EMA * (len(job.out) / job.worst - old)
         result = Result(job.out, len(job.prompt), job.reused, job.forced, reason, job.started - ticket.arrived,
-                        job.note, job.schema)
+                        job.note, job.schema, job.first_token - ticket.arrived if job.first_token else None)
         self._release(slot).set_result(result)
 
     def _release(self, slot: Slot) -> Future:

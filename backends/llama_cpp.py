@@ -27,6 +27,7 @@ from backends.base import (Backend, BackendBusy, BackendError, BackendSettings, 
                            ModelInfo, Request)
 from backends.batching import Engine, Job, Load
 from backends.constraint import Vocabulary
+from backends.llama_build import system_info
 from backends.sizing import Cost, fit_schema, shrink, strings_in, worst_case
 from models import fit
 from models.catalog import load_profile
@@ -187,6 +188,7 @@ class LlamaCppBackend(Backend):
                         n_gpu_layers=settings.n_gpu_layers, n_ctx=settings.n_ctx,
                         kv_cache_type=settings.kv_cache_type, flash_attn=settings.flash_attn)
         started = time.monotonic()
+        log.info("llama.cpp %s, build: %s", ll.version(), system_info())  # before the load: a crash names it
         self._file = file_identity(path)
         self.model, self.ctx, self.plan, self.parallel = load_planned(path, plan, settings)
         self.engine: Engine | None = None
@@ -316,7 +318,8 @@ class LlamaCppBackend(Backend):
         return Generation(text=text, prompt_tokens=result.prompt_tokens, completion_tokens=len(result.tokens),
                           seconds=seconds, backend=self.name, model=self.info(),
                           finish_reason=result.finish_reason, schema=result.schema,
-                          cached_tokens=result.reused_tokens, forced_tokens=result.forced)
+                          cached_tokens=result.reused_tokens, forced_tokens=result.forced,
+                          first_token_s=result.first_token_s)
 
     def _cost(self, schema: dict[str, Any], tpc: float) -> Cost:
         return worst_case(schema, tpc, self.count_tokens)

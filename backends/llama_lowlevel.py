@@ -144,6 +144,13 @@ class Context:
         if not llama_cpp.llama_memory_seq_rm(self.mem, seq, start, -1):
             raise LlamaError(f"llama.cpp could not drop positions {start}.. of sequence {seq}")
 
+    def share(self, src: int, dst: int, keep: int) -> None:
+        """Give sequence dst the cells of src's first `keep` positions, in place of its own. Each sequence has
+        a stream of its own here, so llama.cpp copies src's whole stream (at the next decode), then dst
+        drops what lies past `keep`."""
+        llama_cpp.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+        self.forget(dst, keep)
+
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.mem, True)
 

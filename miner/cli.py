@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="print one task's output_data JSON")
     gen.add_argument("--task", required=True, choices=["blueprint", "characters", "story_arc", "chapters"])
     gen.add_argument("--input", required=True, help="the story request")
-    gen.add_argument("--context", type=Path, help="JSON with blueprint/characters/story_arc/chapter_ids")
+    gen.add_argument("--context", type=Path, help="JSON with blueprint, characters (a list, as in protocol 3.2.1, "
+                     "or 3.2.0's {\"characters\": [...]}), story_arc, chapter_ids; default: the built-in example")
     _add_config_flags(gen)
     gen.set_defaults(func=cmd_generate)
     sub.add_parser("health", help="check config, backends and a running miner (health --help)")

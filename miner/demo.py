@@ -18,10 +18,11 @@ import bittensor as bt
 from bittensor_wallet import Wallet
 
 from miner import examples
-from miner.config import Config
+from miner.config import Config, GenerationSettings
 from miner.neuron import Miner, no_public_ip_lookup
 from miner.protocol import StoryGenerationSynapse
-from miner.tasks import TASKS, ContractError, Context
+from miner.service import StoryService, prepare
+from miner.tasks import TASKS, ContractError
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +54,25 @@ def start_offline_miner(config: Config, service, wallet_dir: str, allowed: list[
     return miner
 
 
-def _contract_check(task: str, answer: Any, ctx: Context) -> str | None:
+def _contract_check(task: str, answer: Any, fields: dict[str, Any]) -> str | None:
     if not isinstance(answer, dict):
         return f"no JSON object came back ({type(answer).__name__})"
     if "error" in answer:
         return answer["error"]
     try:
-        TASKS[task].check({k: v for k, v in answer.items() if k not in META_KEYS}, ctx)
+        TASKS[task].check({k: v for k, v in answer.items() if k not in META_KEYS},
+                          prepare(fields, GenerationSettings())[1])
     except ContractError as e:
         return str(e)
     return None
 
 
+# What a later request carries of an answer: 3.2.1 sends the cast as a bare list.
+AS_CONTEXT = {"characters": lambda answer: answer["characters"]}
+
+
 def run_demo(config: Config, user_input: str | None = None) -> int:
     from backends.chain import Chain
-    from miner.service import StoryService
 
     service = StoryService(Chain.from_config(config.backends, config.chain), config.generation)
     context: dict[str, Any] = {"user_input": user_input or examples.USER_INPUT, "chapter_ids": examples.CHAPTER_IDS}
@@ -79,13 +84,14 @@ def run_demo(config: Config, user_input: str | None = None) -> int:
         dendrite = bt.Dendrite(wallet=validator)
         try:
             for task in TASKS:
-                needs = {k: context.get(k) or fallback[k] for k in TASKS[task].needs}
-                synapse = StoryGenerationSynapse(task_type=task, user_input=context["user_input"], **needs)
+                fields = {"task_type": task, "user_input": context["user_input"],
+                          **{k: context.get(k) or fallback[k] for k in TASKS[task].needs}}
+                synapse = StoryGenerationSynapse(**fields)
                 started = time.monotonic()
                 answer = dendrite.query(axons=[miner.axon.info()], synapse=synapse,
                                         timeout=VALIDATOR_TIMEOUT_S, deserialize=True)[0]
                 seconds = time.monotonic() - started
-                problem = _contract_check(task, answer, Context(user_input=context["user_input"], **needs))
+                problem = _contract_check(task, answer, fields)
                 failures += problem is not None
                 model = (answer or {}).get("model_info", {}).get("name", "?") if isinstance(answer, dict) else "?"
                 print(f"== {task}: {'meets the contract' if problem is None else 'FAILED: ' + problem} "
@@ -93,7 +99,8 @@ def run_demo(config: Config, user_input: str | None = None) -> int:
                 print(json.dumps(answer, ensure_ascii=False, indent=2))
                 sys.stdout.flush()
                 if problem is None and task != "chapters":
-                    context[task] = {k: v for k, v in answer.items() if k not in META_KEYS}
+                    answer = {k: v for k, v in answer.items() if k not in META_KEYS}
+                    context[task] = AS_CONTEXT.get(task, lambda a: a)(answer)
         finally:
             miner.close()
     print(f"== {len(TASKS) - failures} of {len(TASKS)} tasks met the contract")

@@ -3,8 +3,11 @@ for `generate` without --context and for tests. It is input to the model, never 
 from __future__ import annotations
 
 import copy
+import random
 from typing import Any
 
+from miner import PROTOCOL_VERSION
+from miner.tasks.characters import ROLES
 from miner.tasks.story_arc import progress
 
 # Validators send short Chinese prompts like "一个关于太空探险的故事"; the example asks the same in English,
@@ -30,12 +33,12 @@ _CAST = [
     ("mentor", "Old Teodor", "the retired relay keeper"),
     ("wildcard", "ECHO", "the station AI of unknown loyalty"),
 ]
-CHARACTERS: dict[str, Any] = {"characters": [
+CHARACTERS: list[dict[str, Any]] = [
     {"id": cid, "name": name, "archetype": archetype,
      "background": f"{name} has spent years aboard the convoy.", "motivation": "to bring the convoy home",
      "skills": ["navigation"], "personality_traits": ["stubborn"],
      "relationships": {other: "crewmate" for other, _, _ in _CAST if other != cid}}
-    for cid, name, archetype in _CAST]}
+    for cid, name, archetype in _CAST]
 
 STORY_ARC: dict[str, Any] = {
     "title": "The Silent Relay",
@@ -51,33 +54,54 @@ STORY_ARC: dict[str, Any] = {
 CHAPTER_IDS = [1]
 
 
-def example_fields(task_type: str, user_input: str = USER_INPUT) -> dict[str, Any]:
+def cast_as(protocol: str, cast: list[dict[str, Any]]) -> Any:
+    """The cast as a validator of that protocol version sends it: 3.2.1 a bare list, 3.2.0 wrapped."""
+    return {"characters": cast} if protocol == "3.2.0" else cast
+
+
+def example_fields(task_type: str, user_input: str = USER_INPUT, protocol: str = PROTOCOL_VERSION) -> dict[str, Any]:
     """Request fields for task_type with the example context filled in."""
     return {"task_type": task_type, "user_input": user_input, "blueprint": BLUEPRINT,
-            "characters": CHARACTERS, "story_arc": STORY_ARC, "chapter_ids": CHAPTER_IDS}
+            "characters": cast_as(protocol, CHARACTERS), "story_arc": STORY_ARC, "chapter_ids": CHAPTER_IDS,
+            "protocol_version": protocol}
 
 
 # The subnet's validators, as they query today (../shared/spec/protocol.md): one of eight Chinese prompts,
-# a task drawn 40/25/25/10, and the same small fixed mock context every time.
+# a task drawn 40/25/25/10 from the block number, and the same small fixed mock context every time, in
+# English since 3.2.1 (3.2.0 sent the same shapes in Chinese, the cast wrapped in an object).
 VALIDATOR_PROMPTS = ("一个关于赛博朋克黑客的故事", "一个关于太空探险的故事", "一个古代武侠传奇故事",
                      "一个末日生存的故事", "一个都市悬疑推理故事", "一个奇幻魔法世界的故事", "一个时间旅行的故事",
                      "一个AI觉醒的故事")
-VALIDATOR_TASK_WEIGHTS = {"blueprint": 40, "characters": 25, "story_arc": 25, "chapters": 10}
-_VALIDATOR_BLUEPRINT = {"title": "测试故事", "genre": "科幻", "setting": "未来世界", "core_conflict": "人与AI的冲突",
-                        "themes": ["科技", "伦理"], "tone": "紧张", "target_audience": "成人"}
-_VALIDATOR_CAST = {"characters": [
-    {"id": "protagonist", "name": "主角", "archetype": "英雄"}, {"id": "ally", "name": "盟友", "archetype": "助手"},
-    {"id": "rival", "name": "对手", "archetype": "反派"}, {"id": "mentor", "name": "导师", "archetype": "智者"},
-    {"id": "wildcard", "name": "变数", "archetype": "神秘人"}]}
-_VALIDATOR_CONTEXT = {
-    "blueprint": {},
-    "characters": {"blueprint": _VALIDATOR_BLUEPRINT},
-    "story_arc": {"blueprint": _VALIDATOR_BLUEPRINT, "characters": _VALIDATOR_CAST},
-    "chapters": {"blueprint": {"title": "测试故事"}, "characters": {"characters": []},
-                 "story_arc": {"title": "测试故事", "chapters": [{"id": i} for i in range(1, 13)]}, "chapter_ids": [1]},
+VALIDATOR_TASK_WEIGHTS = {"blueprint": 0.40, "characters": 0.25, "story_arc": 0.25, "chapters": 0.10}
+PROTOCOLS = ("3.2.1", "3.2.0")
+_MOCKS = {  # per protocol: (blueprint, [(name, archetype) per role], title)
+    "3.2.1": ({"title": "Sample Story", "genre": "Sci-Fi", "setting": "Future World", "core_conflict": "Human vs AI",
+               "themes": ["Technology", "Ethics"], "tone": "Suspenseful", "target_audience": "Adults"},
+              [("Hero", "Hero"), ("Ally", "Helper"), ("Rival", "Villain"), ("Mentor", "Sage"),
+               ("Wildcard", "Mystery")]),
+    "3.2.0": ({"title": "测试故事", "genre": "科幻", "setting": "未来世界", "core_conflict": "人与AI的冲突",
+               "themes": ["科技", "伦理"], "tone": "紧张", "target_audience": "成人"},
+              [("主角", "英雄"), ("盟友", "助手"), ("对手", "反派"), ("导师", "智者"), ("变数", "神秘人")]),
 }
 
 
-def validator_fields(task_type: str, user_input: str) -> dict[str, Any]:
-    """Request fields exactly as the validators send them (a fresh copy: callers may change it)."""
-    return copy.deepcopy({"task_type": task_type, "user_input": user_input, **_VALIDATOR_CONTEXT[task_type]})
+def validator_fields(task_type: str, user_input: str, protocol: str = PROTOCOL_VERSION) -> dict[str, Any]:
+    """Request fields exactly as that protocol's validators send them (a fresh dict: callers may change it)."""
+    blueprint, people = copy.deepcopy(_MOCKS[protocol])
+    cast = [{"id": role, "name": name, "archetype": archetype} for role, (name, archetype) in zip(ROLES, people)]
+    title = {"title": blueprint["title"]}
+    context = {
+        "blueprint": {},
+        "characters": {"blueprint": blueprint},
+        "story_arc": {"blueprint": blueprint, "characters": cast_as(protocol, cast)},
+        "chapters": {"blueprint": title, "characters": cast_as(protocol, []),
+                     "story_arc": {**title, "chapters": [{"id": i} for i in range(1, 13)]}, "chapter_ids": [1]},
+    }[task_type]
+    return {"task_type": task_type, "user_input": user_input, "protocol_version": protocol, **context}
+
+
+def validator_task(block: int) -> tuple[str, str]:
+    """(task, prompt) that every 3.2.1 validator picks at this block: seeded by the block number."""
+    tasks, weights = zip(*VALIDATOR_TASK_WEIGHTS.items())
+    return (random.Random(block).choices(tasks, weights=weights)[0],
+            random.Random(block + 1000).choice(VALIDATOR_PROMPTS))

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.chain import BackendStatus, Chain
+from backends.llama_build import system_info
 from miner.config import Config, load_config
 from miner.errors import ConfigError
 
@@ -71,6 +72,7 @@ class HealthReport:
     checked_at: str
     backends: tuple[BackendStatus, ...]
     axon: AxonState
+    build: str  # the llama.cpp build's features where the report was made: a crash report needs them
     checks: tuple[Check, ...] = ()
 
     @property
@@ -94,7 +96,8 @@ class HealthReport:
         else:
             status, summary = "degraded", f"serving on fallback {usable[0].name} ({backends[0].name} is down)"
         return cls(status, summary, usable[0].name if usable else None, config, checked_by,
-                   datetime.now(timezone.utc).isoformat(timespec="seconds"), tuple(backends), axon, tuple(checks))
+                   datetime.now(timezone.utc).isoformat(timespec="seconds"), tuple(backends), axon, system_info(),
+                   tuple(checks))
 
     @classmethod
     def down(cls, summary: str, config: str, checked_by: str) -> HealthReport:
@@ -112,14 +115,16 @@ class HealthReport:
                 raise ValueError(f"unknown status {data['status']!r}")
             return cls(data["status"], data["summary"], data["serving"], data["config"], data["checked_by"],
                        data["checked_at"], tuple(BackendStatus(**b) for b in data["backends"]),
-                       AxonState(**data["axon"]), tuple(Check(**c) for c in data.get("checks", ())))
+                       AxonState(**data["axon"]), data.get("build", "unknown"),
+                       tuple(Check(**c) for c in data.get("checks", ())))
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a health report: {type(e).__name__}: {e}") from None
 
     def render(self) -> str:
         """The short human table."""
         lines = [f"{self.status.upper()} (exit {self.exit_code}): {self.summary}",
-                 f"config: {self.config}; checked by {self.checked_by} at {self.checked_at}"]
+                 f"config: {self.config}; checked by {self.checked_by} at {self.checked_at}",
+                 f"llama.cpp build: {self.build}"]
         rows = [("BACKEND", "TYPE", "MODE", "STATE", "DETAIL")]
         rows += [(b.name, b.type, b.mode, STATE_WORDS[b.ok], b.detail) for b in self.backends]
         rows.append(("axon", "", "", STATE_WORDS[self.axon.ok], f"{self.axon.address}: {self.axon.detail}"))

@@ -1,4 +1,5 @@
-"""The StoryFi synapse, wire-compatible with protocol 3.2.0 as the subnet's validators send it.
+"""The StoryNet synapse, wire-compatible with protocol 3.2.1 (StorynetAI/storynet-subnet) and with 3.2.0
+(StoryFi, vya42/storyfi-subnet), as the subnet's validators send them.
 
 The class name is the HTTP route: validators reach `StoryGenerationSynapse` and nothing else.
 """
@@ -11,13 +12,13 @@ import logging
 import bittensor as bt
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
+from miner import PROTOCOL_VERSION
+
 # Importing bittensor sets every logger that already exists to CRITICAL; ours go back to inheriting
 # the level the CLI chose. Every module that uses bittensor imports this one.
 for _name, _logger in list(logging.root.manager.loggerDict.items()):
     if isinstance(_logger, logging.Logger) and _name.split(".")[0] in ("miner", "backends", "models"):
         _logger.setLevel(logging.NOTSET)
-
-PROTOCOL_VERSION = "3.2.0"
 
 
 def unknown_model_info() -> Dict[str, Any]:
@@ -33,7 +34,8 @@ class StoryGenerationSynapse(bt.Synapse):
     task_type: Any = Field("", description="blueprint | characters | story_arc | chapters (empty allowed)")
     user_input: Any = Field("", description="The story request, any language")
     blueprint: Any = Field(None, description="Context for characters, story_arc, chapters: a JSON object")
-    characters: Any = Field(None, description="Context for story_arc, chapters: a JSON object")
+    characters: Any = Field(None, description="Context for story_arc, chapters: a list of character objects "
+                                              "(3.2.1), or {'characters': [...]} (3.2.0)")
     story_arc: Any = Field(None, description="Context for chapters: a JSON object")
     chapter_ids: Any = Field(None, description="Chapters to write: a list of whole numbers")
 
@@ -41,7 +43,8 @@ class StoryGenerationSynapse(bt.Synapse):
     output_data: Optional[Dict[str, Any]] = Field(None, description="The answer, or {'error': ...}")
     generation_time: float = Field(0.0, description="Seconds spent generating")
     miner_version: str = Field("", description="Miner software version")
-    model_info: Dict[str, Any] = Field(default_factory=unknown_model_info, description="What generated the answer")
+    # Optional in 3.2.1; a 3.2.0 Dendrite types it as a required object, so the miner always fills it.
+    model_info: Optional[Dict[str, Any]] = Field(None, description="What generated the answer")
 
     # Unused: identity comes only from synapse.dendrite.hotkey.
     miner_hotkey: Optional[str] = Field(None)

@@ -99,17 +99,33 @@ def _clean_json(name: str, value: Any, limit: int) -> Any:
     return root[0]
 
 
-def _check_context(name: str, value: Any, limit: int) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise TaskInputError(f"{name} must be a JSON object, got {type(value).__name__}")
+def _clean_sized(name: str, value: Any, limit: int) -> Any:
     value = _clean_json(name, value, limit)
     size = len(json.dumps(value, ensure_ascii=False))
     if size > limit:
         raise TaskInputError(f"{name} is {size} characters of JSON; the limit is {limit} "
                              f"(generation.max_context_chars)")
     return value
+
+
+def _check_context(name: str, value: Any, limit: int) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TaskInputError(f"{name} must be a JSON object, got {type(value).__name__}")
+    return _clean_sized(name, value, limit)
+
+
+def _check_cast(value: Any, limit: int) -> list[dict[str, Any]] | None:
+    """The cast as a list of character objects: 3.2.1 sends the list itself, 3.2.0 wraps it as
+    {"characters": [...]}. An empty cast is valid: 3.2.1 sends one with every chapters request."""
+    if value is None:
+        return None
+    cast = value.get("characters") if isinstance(value, dict) else value
+    if not isinstance(cast, list) or not all(isinstance(c, dict) for c in cast):
+        raise TaskInputError("characters must be a list of character objects (protocol 3.2.1) or "
+                             f'{{"characters": [...]}} (3.2.0), got {type(value).__name__}')
+    return _clean_sized("characters", cast, limit)
 
 
 def _check_chapter_ids(value: Any, limit: int) -> list[int] | None:
@@ -127,29 +143,32 @@ def _check_chapter_ids(value: Any, limit: int) -> list[int] | None:
     return value
 
 
+def prepare(fields: dict[str, Any], s: GenerationSettings) -> tuple[TaskSpec, Context]:
+    """Validate a request's fields into a task spec and its context; raise TaskInputError if unusable."""
+    task_type = fields.get("task_type")
+    if not isinstance(task_type, str) or task_type not in TASKS:
+        raise TaskInputError(f"task_type must be one of {', '.join(TASKS)}, got {task_type!r:.80}")
+    spec = TASKS[task_type]
+    ctx = Context(
+        user_input=_check_text("user_input", fields.get("user_input", ""), s.max_input_chars, required=True),
+        blueprint=_check_context("blueprint", fields.get("blueprint"), s.max_context_chars),
+        characters=_check_cast(fields.get("characters"), s.max_context_chars),
+        story_arc=_check_context("story_arc", fields.get("story_arc"), s.max_context_chars),
+        chapter_ids=_check_chapter_ids(fields.get("chapter_ids"), s.max_chapters),
+    )
+    missing = [name for name in spec.needs if getattr(ctx, name) is None]
+    if missing:
+        raise TaskInputError(f"task {task_type} needs {', '.join(missing)}; the request has none")
+    return spec, ctx
+
+
 class StoryService:
     def __init__(self, chain: Chain, settings: GenerationSettings):
         self.chain = chain
         self.settings = settings
 
     def prepare(self, fields: dict[str, Any]) -> tuple[TaskSpec, Context]:
-        """Validate a request's fields into a task spec and its context; raise TaskInputError if unusable."""
-        task_type = fields.get("task_type")
-        if not isinstance(task_type, str) or task_type not in TASKS:
-            raise TaskInputError(f"task_type must be one of {', '.join(TASKS)}, got {task_type!r:.80}")
-        spec = TASKS[task_type]
-        s = self.settings
-        ctx = Context(
-            user_input=_check_text("user_input", fields.get("user_input", ""), s.max_input_chars, required=True),
-            blueprint=_check_context("blueprint", fields.get("blueprint"), s.max_context_chars),
-            characters=_check_context("characters", fields.get("characters"), s.max_context_chars),
-            story_arc=_check_context("story_arc", fields.get("story_arc"), s.max_context_chars),
-            chapter_ids=_check_chapter_ids(fields.get("chapter_ids"), s.max_chapters),
-        )
-        missing = [name for name in spec.needs if getattr(ctx, name) is None]
-        if missing:
-            raise TaskInputError(f"task {task_type} needs {', '.join(missing)}; the request has none")
-        return spec, ctx
+        return prepare(fields, self.settings)
 
     def request_for(self, spec: TaskSpec, ctx: Context, deadline: float, target: float,
                     priority: float = 0.0) -> Request:

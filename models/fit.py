@@ -308,8 +308,7 @@ def _no_gpu_reason() -> str:
     if llama_cpp is not None and llama_cpp.llama_supports_gpu_offload():
         return ("CPU only: llama.cpp can offload but no free-VRAM figure was found; "
                 "give one with --vram-gb (or vram_bytes)")
-    return ("CPU only: this llama-cpp-python has no GPU offload; for CUDA: CMAKE_ARGS=\"-DGGML_CUDA=on\" "
-            "pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36")
+    return "CPU only: this llama-cpp-python has no GPU offload; for a CUDA build: scripts/setup.sh --cuda"
 
 
 def free_vram_bytes() -> int | None:

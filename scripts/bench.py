@@ -10,6 +10,10 @@
 2. Batching: the same requests (a validators' Chinese request, full size) with 1, 2 and 4 decoding at
    once; total completion tokens a second against 1 at a time. Beside them, the ceiling on this machine:
    a bare low-level loop decoding 1, 2 and 4 sequences of free text, one llama_decode a step.
+3. A burst: 4 identical requests at once, as the 3.2.1 validators of one block send them, served as
+   the miner serves them (sized to the validators' clock), with the engine's prefix sharing off and on
+   (the prompt evaluated once, its KV cells copied), in the order off, on, on, off: refusals, time to
+   the first token, total time, and how many answers differ (each is sampled with its own seed).
 Data on stdout (a table, or --json), progress on stderr.
 
     python scripts/bench.py [--model FILE] [--vram-gb 6] [--tasks blueprint,chapters] [--repeat 2]
@@ -24,6 +28,7 @@ with contextlib.suppress(ImportError):
 import argparse
 import json
 import logging
+import math
 import resource
 import shutil
 import statistics
@@ -37,10 +42,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends import llama_lowlevel as ll  # noqa: E402
-from backends.base import Request  # noqa: E402
+from backends.base import BackendBusy, BackendError, Generation, Request  # noqa: E402
+from backends.chain import BackendState, Chain  # noqa: E402
 from backends.llama_cpp import LlamaCppBackend, default_threads  # noqa: E402
 from miner import examples  # noqa: E402
 from backends.llama_cpp import LlamaCppSettings  # noqa: E402
+from miner.config import GenerationSettings  # noqa: E402
+from miner.service import VALIDATOR_TIMEOUT_S, StoryService, prepare  # noqa: E402
 from miner.tasks import TASKS, ContractError, Context, parse_json_object  # noqa: E402
 from miner.tasks.common import language_sample  # noqa: E402
 
@@ -65,7 +73,7 @@ def valid(task: str, text: str, ctx: Context) -> bool:
 
 
 def context_of(fields: dict) -> Context:
-    return Context(**{k: fields.get(k) for k in ("user_input", "blueprint", "characters", "story_arc", "chapter_ids")})
+    return prepare(fields, GenerationSettings())[1]
 
 
 def full_size_request(fields: dict) -> Request:
@@ -176,6 +184,47 @@ def bench_batching(backend: LlamaCppBackend, task: str, requests: int) -> list[d
     return with_ratios(rows)
 
 
+def bench_burst(backend: LlamaCppBackend, task: str, size: int) -> list[dict]:
+    """Identical requests served as a miner serves validators: sized to their clock (55 s limit, 25 s target)."""
+    fields = examples.validator_fields(task, examples.VALIDATOR_PROMPTS[0])
+    service = StoryService(Chain([BackendState(backend, "local")]), GenerationSettings())
+    spec, ctx = service.prepare(fields)
+    settings = service.settings
+
+    def serve(_: int) -> Generation | BackendError:
+        now = time.monotonic()
+        hard = VALIDATOR_TIMEOUT_S - settings.response_margin_s
+        try:
+            return backend.generate(service.request_for(spec, ctx, now + hard, now + settings.target_s))
+        except BackendError as e:  # refused as busy, or past the hard limit: what a validator would get
+            return e
+
+    rows, seed = [], backend.seed
+    backend.seed = None  # a fresh seed each, as when serving
+    for sharing in (False, True, True, False):  # ABBA: what the first bursts teach the planner evens out
+        backend.engine.share_prefixes = sharing
+        backend.engine.forget_cached()
+        log.info("burst: %d identical %s requests, prefix sharing %s", size, task, "on" if sharing else "off")
+        started = time.perf_counter()
+        with ThreadPoolExecutor(size) as pool:
+            served = list(pool.map(serve, range(size)))
+        seconds = time.perf_counter() - started
+        done = [g for g in served if isinstance(g, Generation)]
+        first = [g.first_token_s for g in done if g.first_token_s is not None] or [math.nan]
+        rows.append({"sharing": sharing, "requests": size,
+                     "refused": sum(isinstance(g, BackendBusy) for g in served),
+                     "failed": [str(g) for g in served
+                                if isinstance(g, BackendError) and not isinstance(g, BackendBusy)],
+                     "prompt_tokens": done[0].prompt_tokens if done else 0,
+                     "reused_tokens": sum(g.cached_tokens for g in done),
+                     "first_token_mean_s": statistics.mean(first), "first_token_max_s": max(first),
+                     "seconds": seconds, "tokens": sum(g.completion_tokens for g in done),
+                     "distinct": len({g.text for g in done}),
+                     "valid": f"{sum(valid(task, g.text, ctx) for g in done)}/{len(done)}"})
+    backend.seed, backend.engine.share_prefixes = seed, True
+    return rows
+
+
 def bare_loop(model_path: str, n_gpu_layers: int, n_threads: int, steps: int) -> list[dict]:
     """The ceiling: a bare low-level loop, one llama_decode a step for all sequences, free sampling."""
     model = ll.Model(Path(model_path), n_gpu_layers)
@@ -226,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-task", default="blueprint", choices=list(TASKS),
                         help="the validators' request the batching rows send (default: blueprint)")
     parser.add_argument("--batch-requests", type=int, default=12, help="requests per batching row; 0 skips them")
+    parser.add_argument("--burst", type=int, default=4, help="identical requests in the burst rows; 0 skips them")
+    parser.add_argument("--burst-task", default="chapters", choices=list(TASKS),
+                        help="the validators' 3.2.1 request the burst sends (default: chapters, the longest prompt)")
     parser.add_argument("--bare-steps", type=int, default=200, help="steps of the bare loop's rows; 0 skips them")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--raw-jobs", type=Path, help=argparse.SUPPRESS)  # the raw runs' own process
@@ -253,12 +305,13 @@ def main(argv: list[str] | None = None) -> int:
               "n_threads": settings.n_threads or default_threads(), "measured": backend.engine.speed.snapshot()}
     mine, runs = bench_tasks(backend, args.tasks, args.repeat)
     batch_rows = bench_batching(backend, args.batch_task, args.batch_requests) if args.batch_requests else []
+    burst_rows = bench_burst(backend, args.burst_task, args.burst) if args.burst else []
     backend.close()
     raw = raw_llama_cpp(backend, header["n_threads"], runs, args.bare_steps if batch_rows else 0)
     rows = task_rows(mine, runs, [tuple(r) for r in raw["runs"]])
     batch_rows += raw["bare"]
     if args.json:
-        json.dump({"setup": header, "tasks": rows, "batching": batch_rows}, sys.stdout, indent=2)
+        json.dump({"setup": header, "tasks": rows, "batching": batch_rows, "burst": burst_rows}, sys.stdout, indent=2)
         print()
         return 0
     print("  ".join(f"{k}={v}" for k, v in header.items()))
@@ -276,6 +329,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in batch_rows:
             print(f"{r['path']:<40}{r['at_once']:>8}{r['tokens']:>8}{r['seconds']:>9.2f}{r['tok_per_s']:>13.1f}"
                   f"{r['vs_one_at_a_time']:>15.2f}x{r['valid']:>7}")
+    if burst_rows:
+        print(f"\nburst: {args.burst} identical {args.burst_task} requests at once (the validators of one block)")
+        print(f"{'prefix sharing':<16}{'refused':>8}{'failed':>7}{'prompt':>7}{'reused':>8}{'1st token mean':>16}"
+              f"{'1st token max':>15}{'seconds':>9}{'tokens':>8}{'distinct':>10}{'valid':>7}")
+        for r in burst_rows:
+            print(f"{'on' if r['sharing'] else 'off':<16}{r['refused']:>8}{len(r['failed']):>7}"
+                  f"{r['prompt_tokens']:>7}{r['reused_tokens']:>8}{r['first_token_mean_s']:>15.2f}s"
+                  f"{r['first_token_max_s']:>14.2f}s{r['seconds']:>9.2f}"
+                  f"{r['tokens']:>8}{r['distinct']:>10}{r['valid']:>7}")
     return 0
 
 

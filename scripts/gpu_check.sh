@@ -9,6 +9,7 @@
 # timeout keeps what finished. Exits 2, saying why, where there is no GPU or no .gpu folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/llama_build.sh
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -32,6 +33,7 @@ src=$(ls -d "$work"/src/llama_cpp_python-*)
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
 
 started=$(date +%s)
+export_llama_flags  # the flags scripts/setup.sh builds with: GPU hosts often have AMX CPUs
 (CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$arch -DLLAVA_BUILD=OFF" \
    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
    "$python" -m pip install --no-build-isolation --no-deps --no-compile --target "$site" "$src" \

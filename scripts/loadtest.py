@@ -1,10 +1,14 @@
 """Replay the subnet's validators against a miner, the way they query it (../shared/spec/protocol.md).
 
-V validators, each a real bittensor Dendrite signed by its own wallet, loop: draw a task 40/25/25/10 and
-one of the eight Chinese prompts, send it with the fixed mock context and a 60 s timeout, score the answer
-against the contract, sleep 12 s; until S seconds have passed. By default the script starts
-`python -m miner run --offline` itself (your --config, else the embedded demo model) with the validators'
-hotkeys allowlisted. Data on stdout (a table, or --json), progress on stderr.
+V validators, each a real bittensor Dendrite signed by its own wallet, run the 3.2.1 step: the task
+(40/25/25/10) and one of the eight Chinese prompts come from the block number (12 s blocks), so the
+validators whose step starts in the same block send the same request together; the mock context and a
+60 s timeout; then each waits for the slowest other miner (--others), the scoring call (--api) and 12 s.
+Validators start at random phases. --old-loop replays the earlier model instead (a random task, the next
+request 12 s after the answer). The answers are checked against the contract until S seconds have passed.
+By default the script starts `python -m miner run --offline` itself (your --config, else the embedded
+demo model) with the validators' hotkeys allowlisted. Data on stdout (a table, or --json), progress on
+stderr.
 
     python scripts/loadtest.py --validators 4 --seconds 600 [--config config.yaml] [--json]
     python scripts/loadtest.py --axon 127.0.0.1:8091 --axon-hotkey SS58 --wallets DIR [--pid PID]
@@ -35,7 +39,8 @@ from miner import examples  # noqa: E402
 from miner.demo import free_port, make_wallet  # noqa: E402
 from miner.neuron import no_public_ip_lookup  # noqa: E402
 from miner.protocol import StoryGenerationSynapse  # noqa: E402
-from miner.tasks import TASKS, ContractError, Context  # noqa: E402
+from miner.service import GenerationSettings, TaskInputError, prepare  # noqa: E402
+from miner.tasks import TASKS, ContractError  # noqa: E402
 
 import bittensor as bt  # noqa: E402
 
@@ -43,6 +48,9 @@ log = logging.getLogger("loadtest")
 
 TIMEOUT_S = 60  # what validators give a request
 SLEEP_S = 12  # VALIDATOR_QUERY_INTERVAL
+BLOCK_S = 12
+FIRST_BLOCK = 5_000_000  # any block number: it only seeds the validators' choices
+BURST_WINDOW_S = 1.0  # identical requests sent this close together arrive as one burst
 FULL_MARKS_S = 30
 META = ("model_info", "generation_time")
 START_TIMEOUT_S = 600
@@ -53,6 +61,8 @@ RSS_WARM_S = 120  # the first requests grow the miner's memory (caches, buffers)
 class Outcome:
     validator: int
     task: str
+    prompt: str
+    sent_s: float  # into the run
     kind: str  # valid, invalid, busy, error, no_answer
     seconds: float
     detail: str = ""
@@ -75,33 +85,52 @@ def classify(task: str, fields: dict, response: StoryGenerationSynapse) -> tuple
     if "error" in output:
         return ("busy" if "busy" in str(output["error"]) else "error"), str(output["error"])[:300], None
     answer = {k: v for k, v in output.items() if k not in META}
-    ctx = Context(**{k: fields.get(k) for k in ("user_input", "blueprint", "characters", "story_arc", "chapter_ids")})
     try:
-        TASKS[task].check(answer, ctx)
-    except ContractError as e:
+        spec, ctx = prepare(fields, GenerationSettings())
+        spec.check(answer, ctx)
+    except (ContractError, TaskInputError) as e:
         return "invalid", str(e)[:300], answer
     return "valid", "", answer
 
 
-async def validator(n: int, wallet, axon_info, end: float, run: Run, count_tokens, seed: int) -> None:
-    rng = random.Random(seed)
+async def validator(n: int, wallet, axon_info, started: float, end: float, run: Run, count_tokens,
+                    args) -> None:
+    rng = random.Random(args.seed * 1000 + n)
     dendrite = bt.Dendrite(wallet=wallet)
     tasks, weights = zip(*examples.VALIDATOR_TASK_WEIGHTS.items())
-    while time.monotonic() < end:
-        task = rng.choices(tasks, weights)[0]
-        fields = examples.validator_fields(task, rng.choice(examples.VALIDATOR_PROMPTS))
-        started = time.monotonic()
+    if not args.old_loop:  # validators started at different times: their steps have random phases
+        await asyncio.sleep(rng.uniform(0, args.others + args.api + SLEEP_S))
+    while (now := time.monotonic()) < end:
+        if args.old_loop:
+            task, prompt = rng.choices(tasks, weights)[0], rng.choice(examples.VALIDATOR_PROMPTS)
+        else:
+            task, prompt = examples.validator_task(FIRST_BLOCK + args.seed + int((now - started) // BLOCK_S))
+        fields = examples.validator_fields(task, prompt, args.protocol)
         response = await dendrite.forward(axons=[axon_info], synapse=StoryGenerationSynapse(**fields),
                                           timeout=TIMEOUT_S, deserialize=False)
-        response = response[0]
-        seconds = time.monotonic() - started
-        kind, detail, answer = classify(task, fields, response)
+        seconds = time.monotonic() - now
+        kind, detail, answer = classify(task, fields, response[0])
         text = json.dumps(answer, ensure_ascii=False, separators=(",", ":")) if answer else ""
-        outcome = Outcome(n, task, kind, round(seconds, 2), detail, len(text), count_tokens(text) if text else 0)
-        run.outcomes.append(outcome)
+        run.outcomes.append(Outcome(n, task, prompt, round(now - started, 2), kind, round(seconds, 2), detail,
+                                    len(text), count_tokens(text) if text else 0))
         log.info("validator %d: %-10s %-9s %5.1f s %s", n, task, kind, seconds, detail[:120])
-        await asyncio.sleep(SLEEP_S)
+        # 3.2.1: the query ends with the slowest miner, then the scoring service, then the sleep
+        wait = SLEEP_S if args.old_loop else max(args.others - seconds, 0.0) + args.api + SLEEP_S
+        await asyncio.sleep(wait)
     await dendrite.aclose_session()
+
+
+def bursts(outcomes: list[Outcome]) -> list[list[Outcome]]:
+    """Requests grouped by arrival: identical (task, prompt) sent within BURST_WINDOW_S of the group's first."""
+    groups: list[list[Outcome]] = []
+    for o in sorted(outcomes, key=lambda o: o.sent_s):
+        group = next((g for g in groups if (g[0].task, g[0].prompt) == (o.task, o.prompt)
+                      and o.sent_s - g[0].sent_s <= BURST_WINDOW_S), None)
+        if group is None:
+            groups.append([o])
+        else:
+            group.append(o)
+    return groups
 
 
 def rss_mib(pid: int | None) -> float | None:
@@ -162,14 +191,16 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def summary(run: Run, seconds: float, validators: int) -> dict:
+def summary(run: Run, seconds: float, validators: int, step: str) -> dict:
     outcomes = run.outcomes
     kinds = {k: sum(o.kind == k for o in outcomes) for k in ("valid", "invalid", "busy", "error", "no_answer")}
     answered = [o.seconds for o in outcomes if o.kind in ("valid", "invalid")]
     refusals = [o.seconds for o in outcomes if o.kind == "busy"]
     by_task = {t: {k: sum(o.kind == k and o.task == t for o in outcomes) for k in kinds} for t in TASKS}
+    in_bursts = [o for g in bursts(outcomes) if len(g) > 1 for o in g]
+    burst_answered = [o.seconds for o in in_bursts if o.kind in ("valid", "invalid")]
     return {
-        "validators": validators, "seconds": round(seconds), "requests": len(outcomes), **kinds,
+        "validators": validators, "step": step, "seconds": round(seconds), "requests": len(outcomes), **kinds,
         "valid_share": round(kinds["valid"] / len(outcomes), 3) if outcomes else None,
         "answer_p50_s": percentile(answered, 0.5), "answer_p95_s": percentile(answered, 0.95),
         "answer_max_s": max(answered, default=None),
@@ -177,6 +208,11 @@ def summary(run: Run, seconds: float, validators: int) -> dict:
         "within_30s_share": round(sum(o.kind == "valid" and o.seconds <= FULL_MARKS_S for o in outcomes)
                                   / len(outcomes), 3) if outcomes else None,
         "refusal_max_s": max(refusals, default=None),
+        "largest_burst": max(map(len, bursts(outcomes)), default=0),
+        "burst_requests": len(in_bursts),
+        "burst_kinds": {k: sum(o.kind == k for o in in_bursts) for k in kinds},
+        "burst_answer_p50_s": percentile(burst_answered, 0.5),
+        "burst_answer_p95_s": percentile(burst_answered, 0.95),
         "tokens_per_s": round(sum(o.tokens for o in outcomes) / seconds, 1),
         "chars_per_s": round(sum(o.chars for o in outcomes) / seconds, 1),
         "rss_start_mib": run.rss_start_mib and round(run.rss_start_mib),
@@ -199,13 +235,18 @@ def rss_range(series: list[tuple[float, float]]) -> list[float] | None:
 
 
 def print_table(s: dict, run: Run) -> None:
-    print(f"validators {s['validators']}, {s['seconds']} s, {s['requests']} requests: "
+    print(f"validators {s['validators']} ({s['step']}), {s['seconds']} s, {s['requests']} requests: "
           f"{s['valid']} valid ({100 * (s['valid_share'] or 0):.1f}%), {s['invalid']} invalid, {s['busy']} busy, "
           f"{s['error']} errors, {s['no_answer']} no answer")
     fmt = lambda v: "-" if v is None else f"{v:.1f} s"  # noqa: E731
     print(f"answer latency p50 {fmt(s['answer_p50_s'])}, p95 {fmt(s['answer_p95_s'])}, max {fmt(s['answer_max_s'])}; "
           f"valid within 30 s: {100 * (s['within_30s_share'] or 0):.1f}% of requests; "
           f"slowest busy refusal {fmt(s['refusal_max_s'])}")
+    burst = s["burst_kinds"]
+    print(f"largest burst {s['largest_burst']} identical requests; {s['burst_requests']} requests came in bursts: "
+          f"{burst['valid']} valid, {burst['invalid']} invalid, {burst['busy']} busy, {burst['error']} errors, "
+          f"{burst['no_answer']} no answer; answer p50 {fmt(s['burst_answer_p50_s'])}, "
+          f"p95 {fmt(s['burst_answer_p95_s'])}")
     print(f"served {s['tokens_per_s']} tokens/s ({s['chars_per_s']} characters/s); miner RSS "
           f"{s['rss_start_mib']} MiB at start, {s['rss_end_mib']} MiB at end")
     if s["rss_series_mib"]:
@@ -234,7 +275,7 @@ async def load(args, wallets, axon_info, count_tokens, run: Run, pid: int | None
     started = time.monotonic()
     end = started + args.seconds
     await asyncio.gather(sample_rss(pid, started, end, args.rss_every, run),
-                         *(validator(i, w, axon_info, end, run, count_tokens, args.seed + i)
+                         *(validator(i, w, axon_info, started, end, run, count_tokens, args)
                            for i, w in enumerate(wallets)))
     return time.monotonic() - started
 
@@ -252,6 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--miner-log", type=Path, help="keep the started miner's log here (--log-level DEBUG)")
     parser.add_argument("--rss-every", type=float, default=60, help="seconds between samples of the miner's RSS")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--others", type=float, default=TIMEOUT_S,
+                        help="seconds the slowest other miner keeps each validator's query open (default: the "
+                             "60 s timeout)")
+    parser.add_argument("--api", type=float, default=5.0, help="seconds each validator's scoring call takes")
+    parser.add_argument("--protocol", choices=examples.PROTOCOLS, default=examples.PROTOCOL_VERSION,
+                        help="the validators' protocol: its request shapes and mock contexts")
+    parser.add_argument("--old-loop", action="store_true",
+                        help="the earlier model: a random task, the next request 12 s after each answer")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.axon and not (args.axon_hotkey and args.wallets):
@@ -282,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.terminate()
                 proc.wait(timeout=60)
     vocab.close()
-    result = summary(run, seconds, args.validators)
+    step = "old loop" if args.old_loop else f"{args.protocol} step, others {args.others:g} s, api {args.api:g} s"
+    result = summary(run, seconds, args.validators, step)
     if args.json:
         json.dump({"summary": result, "outcomes": [asdict(o) for o in run.outcomes]}, sys.stdout, indent=2,
                   ensure_ascii=False)

@@ -16,8 +16,9 @@ from miner.config import Config, GenerationSettings
 from miner.demo import make_wallet, start_offline_miner
 from miner.neuron import no_public_ip_lookup
 from miner.protocol import StoryGenerationSynapse
-from miner.service import StoryService
+from miner.service import StoryService, prepare
 from miner.tasks import TASKS, Context
+from tests.validator_synapses import VALIDATOR_SYNAPSES, read_as_321
 
 pytestmark = pytest.mark.slow  # a real Axon and the embedded model
 
@@ -46,20 +47,31 @@ def ask(dendrite, miner, synapse, deserialize=False):
 
 
 @pytest.mark.parametrize("task", list(TASKS))
-def test_each_task_answers_within_the_contract(served, task):
+def test_each_task_answers_a_321_validator_as_it_reads_the_answer(served, task):
+    """StoryNet 3.2.1: the validators' own mocks (English, the cast a bare list, chapters with no cast) and
+    a Chinese prompt, sent through a client typed as 3.2.1 declares the synapse, deserialized as they do."""
     miner, validator, _ = served
-    fields = examples.example_fields(task)
-    synapse = StoryGenerationSynapse(**fields)
-    response = ask(validator, miner, synapse)
+    fields = examples.validator_fields(task, examples.VALIDATOR_PROMPTS[list(TASKS).index(task)])
+    output = ask(validator, miner, VALIDATOR_SYNAPSES["3.2.1"](**fields), deserialize=True)
+    assert isinstance(output, dict) and "error" not in output, output
+    answer, model_info, generation_time = read_as_321(output)
+    TASKS[task].check(answer, prepare(fields, GenerationSettings())[1])
+    assert model_info["mode"] == "local" and "embedded demo model" in model_info["name"]
+    assert 0 < generation_time < 60
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_each_task_answers_a_320_validator_and_echoes_its_shapes(served, task):
+    """StoryFi 3.2.0 still parses the answer: its cast comes back as the object it sent, model_info an object."""
+    miner, validator, _ = served
+    fields = examples.example_fields(task, protocol="3.2.0")
+    response = ask(validator, miner, VALIDATOR_SYNAPSES["3.2.0"](**fields))
     assert response.is_success, response.dendrite.status_message
     output = response.output_data
     assert "error" not in output, output
-    ctx = Context(**{k: fields[k] for k in ("user_input", "blueprint", "characters", "story_arc", "chapter_ids")})
-    TASKS[task].check({k: v for k, v in output.items() if k not in META}, ctx)
-    # Validators that deserialize see only output_data: model_info must be there, honest and known.
-    assert output["model_info"]["mode"] == "local"
-    assert "embedded demo model" in output["model_info"]["name"]
-    assert response.model_info == output["model_info"]
+    TASKS[task].check({k: v for k, v in output.items() if k not in META}, prepare(fields, GenerationSettings())[1])
+    assert response.characters == fields["characters"] and isinstance(response.characters, dict)
+    assert response.model_info == output["model_info"] and response.model_info["mode"] == "local"
     assert response.generation_time > 0 and response.miner_version
 
 

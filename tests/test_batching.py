@@ -145,6 +145,22 @@ def test_a_prompt_reuses_the_cells_of_an_earlier_one_it_shares_a_prefix_with(emb
     assert 20 < other.cached_tokens < other.prompt_tokens - 1  # the system prompt and the start of the request
 
 
+def test_identical_requests_at_once_evaluate_their_prompt_once_and_answer_differently(embedded_backend, service):
+    """A 3.2.1 burst: validators of one block send the same request together. The second copies the
+    first's prompt cells from its busy slot; each answer is still sampled with its own seed."""
+    request = validators_request(service, "chapters")[0]
+    schema = obj(story=text(150, 300))
+    embedded_backend.engine.forget_cached()
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda _: embedded_backend.generate(Request(
+            messages=request.messages, max_tokens=300, deadline=time.monotonic() + 55, schema=schema)), range(2)))
+    prompt = both[0].prompt_tokens
+    assert sorted(g.cached_tokens for g in both) == [0, prompt - 1]  # one prefill, one copy
+    assert both[0].text != both[1].text
+    for g in both:
+        assert 150 <= len(json.loads(g.text)["story"]) <= 300
+
+
 def test_a_retry_continues_from_the_part_worth_keeping(embedded_backend, service):
     request, ctx = validators_request(service, "blueprint")
     first = embedded_backend.generate(request)

@@ -11,11 +11,13 @@ from backends.base import BackendError
 from backends.constraint import SPACES, Masks, Vocabulary
 from backends.sizing import skeleton
 from miner import examples
-from miner.tasks import TASKS, Context
+from miner.config import GenerationSettings
+from miner.service import prepare
+from miner.tasks import TASKS
 from miner.tasks.common import obj, text, texts
 from models.embedded import embedded_model_path
 
-CTX = Context(**{k: v for k, v in examples.example_fields("chapters").items() if k != "task_type"})
+CTX = prepare(examples.example_fields("chapters"), GenerationSettings())[1]
 
 
 @pytest.fixture(scope="module")

@@ -177,7 +177,7 @@ def test_cpu_only_plan_puts_nothing_on_a_gpu(tmp_path: Path) -> None:
     p = fit.plan(tmp_path / "tiny.gguf")
     assert (p.n_gpu_layers, p.flash_attn, p.kv_cache_type, p.vram_budget_bytes) == (0, False, "f16", None)
     assert p.n_ctx == 4096 and p.estimated_vram_bytes == 0
-    assert p.notes[0].startswith("CPU only") and "GGML_CUDA=on" in p.notes[0]
+    assert p.notes[0].startswith("CPU only") and "scripts/setup.sh --cuda" in p.notes[0]
     assert fit.plan(tmp_path / "tiny.gguf", min_ctx=1024).n_ctx == 2048  # the trained context, capped at 8192
     assert "none: no GPU offload" in p.table()
 

@@ -2,6 +2,8 @@
 these run in milliseconds. A few of the same go through a real Axon in test_axon.py."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from backends.chain import BackendState, Chain
@@ -65,3 +67,40 @@ def test_the_validators_requests_are_accepted(service, task):
     for prompt in examples.VALIDATOR_PROMPTS:
         spec, ctx = service.prepare(examples.validator_fields(task, prompt))
         assert spec.name == task and ctx.user_input == prompt
+
+
+@pytest.mark.parametrize("task", ["story_arc", "chapters"])
+def test_both_protocols_cast_shapes_reach_the_task_as_the_same_cast(service, task):
+    fields = examples.validator_fields(task, "x")  # 3.2.1: a bare list
+    wrapped = {**fields, "characters": examples.cast_as("3.2.0", fields["characters"]), "protocol_version": "3.2.0"}
+    assert isinstance(fields["characters"], list) and isinstance(wrapped["characters"], dict)
+    assert service.prepare(fields) == service.prepare(wrapped)
+
+
+def test_a_chapters_request_with_an_empty_cast_is_valid_and_asks_for_named_characters(service):
+    spec, ctx = service.prepare(examples.validator_fields("chapters", "一个末日生存的故事"))
+    assert ctx.characters == [] and ctx.blueprint == {"title": "Sample Story"}
+    prompt = spec.messages(ctx)[1]["content"]
+    assert "no cast is given: create the named characters" in prompt
+    assert "chapter 1: the opening of the story" in prompt  # the mock arc lists bare ids: no empty line
+    system, user = (m["content"] for m in spec.messages(ctx))
+    assert "Simplified Chinese" in system and user.endswith("Write every text value in Simplified Chinese; keep "
+                                                           "JSON keys and ids in English.")  # not the context's
+
+
+def test_names_given_in_the_cast_are_kept(service):
+    spec, ctx = service.prepare(examples.validator_fields("story_arc", "一个时间旅行的故事"))
+    prompt = spec.messages(ctx)[1]["content"]
+    assert "keep these characters and their names exactly as given" in prompt
+    assert all(f'"name": "{name}"' in prompt for name in ("Hero", "Ally", "Rival", "Mentor", "Wildcard"))
+
+
+@pytest.mark.parametrize("cast,message", [
+    ("Hero, Ally", "a list of character objects (protocol 3.2.1) or"),
+    ([{"id": "protagonist"}, "Ally"], "a list of character objects"),
+    ({"cast": []}, "a list of character objects"),
+    ([{"bio": "y" * 40_000}], "max_context_chars"),
+])
+def test_a_malformed_cast_is_refused_naming_both_shapes(service, cast, message):
+    with pytest.raises(TaskInputError, match=re.escape(message)):
+        service.prepare({**examples.validator_fields("story_arc", "x"), "characters": cast})

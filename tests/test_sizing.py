@@ -7,6 +7,8 @@ import pytest
 from backends import llama_lowlevel as ll
 from backends.sizing import Cost, Speed, fit_schema, shrink, strings_in, worst_case
 from miner import examples
+from miner.config import GenerationSettings
+from miner.service import prepare
 from miner.tasks import TASKS, Context
 from miner.tasks.common import SAMPLES, obj, text, texts
 from models.embedded import embedded_model_path
@@ -92,7 +94,7 @@ def test_floors_past_the_target_are_planned_against_the_hard_limit_or_refused(mo
 @pytest.mark.parametrize("task", ["characters", "story_arc", "chapters"])
 def test_a_schema_sized_for_a_slow_speed_fits_its_plan_with_every_string_at_its_maximum(model, task):
     fields = examples.validator_fields(task, examples.VALIDATOR_PROMPTS[0])
-    ctx = Context(**{k: v for k, v in fields.items() if k != "task_type"})
+    ctx = prepare(fields, GenerationSettings())[1]
     tokens_per_char = count(model)(CHINESE) / len(CHINESE)
     speed = Speed(180.0, {1: 0.012, 4: 0.032})
     target = 50.0 if task == "chapters" else 25.0  # a 1000-character chapter alone is 2000 tokens here

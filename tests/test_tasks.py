@@ -14,7 +14,7 @@ CTX = Context(user_input="一个关于太空探险的故事", blueprint=examples
 
 GOOD = {
     "blueprint": examples.BLUEPRINT,
-    "characters": examples.CHARACTERS,
+    "characters": {"characters": examples.CHARACTERS},
     "story_arc": examples.STORY_ARC,
     "chapters": {"chapters": [{
         "id": 1, "title": "The Signal", "content": "The relay spoke at midnight. " * 40,

@@ -11,7 +11,7 @@ from typing import Any
 
 from miner.tasks import blueprint, chapters, characters, story_arc
 from miner.tasks.common import ContractError, TaskInputError, language_instruction, prefix_before
-from miner.tasks.context import digest
+from miner.tasks.context import context_part
 
 __all__ = ["TASKS", "TaskSpec", "Context", "ContractError", "TaskInputError", "parse_json_object"]
 
@@ -21,7 +21,7 @@ class Context:
     """The validated inputs of one request."""
     user_input: str
     blueprint: dict[str, Any] | None = None
-    characters: dict[str, Any] | None = None
+    characters: list[dict[str, Any]] | None = None  # the cast, whichever shape it came in
     story_arc: dict[str, Any] | None = None
     chapter_ids: list[int] | None = None
 
@@ -37,14 +37,13 @@ class TaskSpec:
         """The chat asking for an answer to `schema` (default: the full one), its planned lengths named."""
         system = (
             "You are a novelist and story architect. You answer with exactly one JSON object that follows "
-            "the requested fields, with vivid, original, specific writing. "
+            "the requested fields, with vivid, original, specific writing; every description is written in full "
+            "sentences. "
             + language_instruction(ctx.user_input, language))
         parts = [f"Story request: {ctx.user_input}"]
-        for field in self.needs:
-            if field != "chapter_ids":
-                so_far = json.dumps(digest(field, getattr(ctx, field)), ensure_ascii=False)
-                parts.append(f"{field} so far:\n{so_far}")
+        parts += [context_part(field, getattr(ctx, field)) for field in self.needs if field != "chapter_ids"]
         parts.append(self.module.instructions(ctx, schema or self.schema(ctx)))
+        parts.append(language_instruction(ctx.user_input, language))  # last as well: English around it pulls a small model into English
         return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
 
     def schema(self, ctx: Context) -> dict[str, Any]:

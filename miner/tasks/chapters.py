@@ -11,23 +11,26 @@ CHOICE_IDS = ("A", "B", "C")
 
 
 def _planned(ctx, chapter_id: int) -> str:
-    """The story arc's line for this chapter, if it has one."""
+    """The story arc's line for this chapter, if it has one (3.2.1's mock arc lists bare ids)."""
     chapters = (ctx.story_arc or {}).get("chapters")
     for chapter in chapters if isinstance(chapters, list) else []:
         if isinstance(chapter, dict) and chapter.get("id") == chapter_id:
-            return f"{chapter.get('title', '')}: {chapter.get('description', '')}"
-    return "the next step of the story arc"
+            line = ": ".join(str(chapter[k]) for k in ("title", "description") if chapter.get(k))
+            if line:
+                return line
+    return "the opening of the story" if chapter_id == 1 else "the next step of the story"
 
 
 def instructions(ctx, schema: dict[str, Any]) -> str:
     plans = "\n".join(f"- chapter {i}: {_planned(ctx, i)}" for i in ctx.chapter_ids)
     return (
         "Write these chapters of the story as JSON {\"chapters\": [...]}:\n" + plans + "\n"
-        "Each chapter has id, title, content (the chapter itself as flowing prose with scenes, dialogue and "
-        f"the characters by name, {about(at(schema, 'chapters', 0, 'content'))}) and choices: 2 or 3 "
-        "decisions the reader can take "
-        "at the end, each with id, text, and consequences (an object whose outcome says what that choice "
-        "leads to; every choice leads somewhere different).")
+        "Each chapter has id, title, content and choices. content is the chapter itself, "
+        f"{about(at(schema, 'chapters', 0, 'content'))} of prose: at least three paragraphs separated by a blank "
+        "line (\\n\\n in the JSON string); scenes with action and feeling; the characters by name, speaking in "
+        "quoted dialogue; short and long sentences mixed; no phrase said twice. choices are 2 or 3 decisions "
+        "the reader can take at the end, each with id, text, and consequences (an object whose outcome says "
+        "what that choice leads to; every choice leads somewhere different).")
 
 
 def _choice(choice_id: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ a whole chained characters + story_arc context (2000+ tokens) would eat half the
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 CHARACTER_KEYS = ("id", "name", "archetype", "motivation")
@@ -15,11 +16,8 @@ def _pick(item: Any, keys: tuple[str, ...]) -> Any:
     return {k: item[k] for k in keys if k in item} if isinstance(item, dict) else item
 
 
-def _characters(value: dict[str, Any]) -> dict[str, Any]:
-    cast = value.get("characters")
-    if not isinstance(cast, list):
-        return value  # an unexpected shape goes in whole; its size was capped on the way in
-    return {"characters": [_pick(c, CHARACTER_KEYS) for c in cast]}
+def _characters(cast: list[dict[str, Any]]) -> list[Any]:
+    return [_pick(c, CHARACTER_KEYS) for c in cast]
 
 
 def _story_arc(value: dict[str, Any]) -> dict[str, Any]:
@@ -31,9 +29,21 @@ def _story_arc(value: dict[str, Any]) -> dict[str, Any]:
             "chapters": [_pick(c, CHAPTER_KEYS) for c in chapters]}
 
 
-DIGESTS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "characters": _characters, "story_arc": _story_arc}
+DIGESTS: dict[str, Callable[[Any], Any]] = {"characters": _characters, "story_arc": _story_arc}
+# What a prompt says of a context that came empty (3.2.1 sends every chapters request an empty cast).
+WHEN_EMPTY = {"characters": "no cast is given: create the named characters this story needs and keep their names "
+                            "the same throughout."}
+# What a prompt says of a context that came filled.
+WHEN_GIVEN = {"characters": "keep these characters and their names exactly as given"}
 
 
-def digest(field: str, value: dict[str, Any]) -> dict[str, Any]:
+def digest(field: str, value: Any) -> Any:
     return DIGESTS.get(field, lambda v: v)(value)
+
+
+def context_part(field: str, value: Any) -> str:
+    """The prompt's paragraph about one context field."""
+    if not value:
+        return f"{field}: {WHEN_EMPTY.get(field, 'none given.')}"
+    note = f" ({WHEN_GIVEN[field]})" if field in WHEN_GIVEN else ""
+    return f"{field} so far{note}:\n{json.dumps(digest(field, value), ensure_ascii=False)}"
