@@ -45,7 +45,10 @@ MAX_AUTO_PARALLEL = 8
 PLAN_MARGIN = 1.15  # estimates are running averages: plan for a little slower than measured
 TOKENS_PER_CHAR_CACHE = 64
 TOKENS_PER_CHAR_EMA, TOKENS_PER_CHAR_MIN_ANSWER = 0.3, 200  # answers shorter than this say little
-TOKENS_PER_CHAR_RANGE = (0.5, 1.5)  # of the sample's figure: one odd answer cannot move plans far
+# Of the sample's figure: one odd answer cannot move plans far. The floor is high because answers to one
+# request may come in another language (3.2.1's English context with a Chinese prompt): a run of cheap
+# English answers must not leave the next Chinese one planned at half its cost, to end at the hard limit.
+TOKENS_PER_CHAR_RANGE = (0.8, 1.5)
 FUTURE_GRACE_S = 5.0
 CLOSE_WAIT_S = 10.0  # for callers to leave once the engine has failed their answers, before the model is freed
 MAX_TOKENS_MARGIN = 1.5  # the model may spend more tokens a character than the sample: a safety bound

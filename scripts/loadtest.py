@@ -50,7 +50,7 @@ TIMEOUT_S = 60  # what validators give a request
 SLEEP_S = 12  # VALIDATOR_QUERY_INTERVAL
 BLOCK_S = 12
 FIRST_BLOCK = 5_000_000  # any block number: it only seeds the validators' choices
-BURST_WINDOW_S = 1.0  # identical requests sent this close together arrive as one burst
+BURST_WINDOW_S = BLOCK_S  # identical requests this close together: the validators of one block
 FULL_MARKS_S = 30
 META = ("model_info", "generation_time")
 START_TIMEOUT_S = 600
@@ -116,12 +116,12 @@ async def validator(n: int, wallet, axon_info, started: float, end: float, run: 
         log.info("validator %d: %-10s %-9s %5.1f s %s", n, task, kind, seconds, detail[:120])
         # 3.2.1: the query ends with the slowest miner, then the scoring service, then the sleep
         wait = SLEEP_S if args.old_loop else max(args.others - seconds, 0.0) + args.api + SLEEP_S
-        await asyncio.sleep(wait)
+        await asyncio.sleep(min(wait, max(end - time.monotonic(), 0.0)))
     await dendrite.aclose_session()
 
 
 def bursts(outcomes: list[Outcome]) -> list[list[Outcome]]:
-    """Requests grouped by arrival: identical (task, prompt) sent within BURST_WINDOW_S of the group's first."""
+    """Identical requests (task, prompt) sent within BURST_WINDOW_S of the group's first: one block's."""
     groups: list[list[Outcome]] = []
     for o in sorted(outcomes, key=lambda o: o.sent_s):
         group = next((g for g in groups if (g[0].task, g[0].prompt) == (o.task, o.prompt)
