@@ -68,7 +68,7 @@ install_llama_cpp() {
   fi
   dir=$wheels/$id
   if [ "$rebuild" = 1 ] || ! ls "$dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-    echo "setup.sh: building llama-cpp-python $version for this machine ($mode${CFLAGS:+, CFLAGS $CFLAGS}): " \
+    echo "setup.sh: building llama-cpp-python $version for this machine ($mode${CFLAGS:+, CFLAGS $CFLAGS}):" \
          "4-8 minutes on 2 cores, once"
     rm -rf "$dir.partial" && mkdir -p "$dir.partial"
     .venv/bin/python -m pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python -w "$dir.partial" \
