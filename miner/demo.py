@@ -18,11 +18,11 @@ import bittensor as bt
 from bittensor_wallet import Wallet
 
 from miner import examples
-from miner.config import Config, GenerationSettings
+from miner.config import Config
 from miner.neuron import Miner, no_public_ip_lookup
 from miner.protocol import StoryGenerationSynapse
-from miner.service import StoryService, prepare
-from miner.tasks import TASKS, ContractError
+from miner.service import StoryService
+from miner.tasks import TASKS, ContractError, Context
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +54,16 @@ def start_offline_miner(config: Config, service, wallet_dir: str, allowed: list[
     return miner
 
 
-def _contract_check(task: str, answer: Any, fields: dict[str, Any]) -> str | None:
+def _contract_check(task: str, answer: Any, ctx: Context) -> str | None:
     if not isinstance(answer, dict):
         return f"no JSON object came back ({type(answer).__name__})"
     if "error" in answer:
         return answer["error"]
     try:
-        TASKS[task].check({k: v for k, v in answer.items() if k not in META_KEYS},
-                          prepare(fields, GenerationSettings())[1])
+        TASKS[task].check({k: v for k, v in answer.items() if k not in META_KEYS}, ctx)
     except ContractError as e:
         return str(e)
     return None
-
-
-# What a later request carries of an answer: 3.2.1 sends the cast as a bare list.
-AS_CONTEXT = {"characters": lambda answer: answer["characters"]}
 
 
 def run_demo(config: Config, user_input: str | None = None) -> int:
@@ -91,7 +86,7 @@ def run_demo(config: Config, user_input: str | None = None) -> int:
                 answer = dendrite.query(axons=[miner.axon.info()], synapse=synapse,
                                         timeout=VALIDATOR_TIMEOUT_S, deserialize=True)[0]
                 seconds = time.monotonic() - started
-                problem = _contract_check(task, answer, fields)
+                problem = _contract_check(task, answer, service.prepare(fields)[1])
                 failures += problem is not None
                 model = (answer or {}).get("model_info", {}).get("name", "?") if isinstance(answer, dict) else "?"
                 print(f"== {task}: {'meets the contract' if problem is None else 'FAILED: ' + problem} "
@@ -100,7 +95,8 @@ def run_demo(config: Config, user_input: str | None = None) -> int:
                 sys.stdout.flush()
                 if problem is None and task != "chapters":
                     answer = {k: v for k, v in answer.items() if k not in META_KEYS}
-                    context[task] = AS_CONTEXT.get(task, lambda a: a)(answer)
+                    # what the next request carries: 3.2.1 sends the cast as a bare list
+                    context[task] = answer["characters"] if task == "characters" else answer
         finally:
             miner.close()
     print(f"== {len(TASKS) - failures} of {len(TASKS)} tasks met the contract")

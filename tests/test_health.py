@@ -121,7 +121,7 @@ def test_gpu_layers_asked_of_a_build_without_gpu_offload_are_flagged(tmp_path, c
         assert code == 0 and local["ok"]
     else:
         assert code == 1 and not local["ok"] and "n_gpu_layers is -1, but the model runs on the CPU" in local["detail"]
-        assert "has no GPU offload" in local["detail"] and "CMAKE_ARGS" in local["detail"]
+        assert "has no GPU offload" in local["detail"] and "scripts/setup.sh --cuda" in local["detail"]
 
 
 def get_health(port: int) -> tuple[int, dict]:
