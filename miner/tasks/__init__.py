@@ -43,7 +43,8 @@ class TaskSpec:
         parts = [f"Story request: {ctx.user_input}"]
         parts += [context_part(field, getattr(ctx, field)) for field in self.needs if field != "chapter_ids"]
         parts.append(self.module.instructions(ctx, schema or self.schema(ctx)))
-        parts.append(language_instruction(ctx.user_input, language))  # last as well: English around it pulls a small model into English
+        # Said last as well: the English context around it pulls a small model into English.
+        parts.append(language_instruction(ctx.user_input, language))
         return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
 
     def schema(self, ctx: Context) -> dict[str, Any]:
