@@ -7,6 +7,7 @@ its health check; backends/__init__.py lists the modules.
 """
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ class Request:
     language_sample: str = ""
     prefix: str = ""  # the answer's start, fixed: the backend continues it (a targeted retry), or starts over
     priority: float = 0.0  # the caller's stake: more is served first when requests wait
+    # Set when the caller has gone away: a backend that can stops the answer and frees what it holds.
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
     def seconds_left(self) -> float:
         return self.deadline - time.monotonic()

@@ -4,8 +4,10 @@ A failure, a timeout, or an answer the caller's `accept` rejects moves on to the
 deadline allows. A rejected answer first gets one more try on the same backend, continuing from the part
 worth keeping where the backend can (a schema-valid answer that breaks a rule the schema cannot say).
 A backend that keeps failing, or fails its health check, is skipped for a cool-down and probed again
-later (by a request once the cool-down ends, or by the next health check). Nothing is ever invented:
-when every backend fails, the error says why for each.
+later (by a request once the cool-down ends, or by the next health check). A backend too busy to answer
+in time is passed over with no cool-down, and counted apart from failures. Once the caller has gone away
+(`request.cancelled`), no further backend is tried. Nothing is ever invented: when every backend fails,
+the error says why for each.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class BackendState:
     cooldown_until: float = 0.0
     last_error: str | None = None
     served: int = 0
+    busy: int = 0  # refusals for load (no time or no cache for the answer): not failures
     health: Health | None = None  # the last health check
 
     def cooling(self, now: float) -> bool:
@@ -70,6 +73,7 @@ class BackendStatus:
     detail: str
     cooling_down_s: float
     served: int
+    busy: int = 0  # a default: a running miner from before busy was counted still serves a readable report
 
 
 def _build(settings: Any) -> BackendState:
@@ -118,6 +122,9 @@ class Chain:
             if state.backend is None:
                 reasons[i] = state.build_error or "not built"
                 continue
+            if request.cancelled.is_set():
+                reasons[i] = "skipped: the caller has gone away"
+                continue
             if request.seconds_left() < MIN_SECONDS_TO_TRY:
                 reasons[i] = "skipped: the deadline had passed"
                 continue
@@ -127,6 +134,7 @@ class Chain:
             try:
                 result, generation = self._ask(state, request, accept)
             except BackendBusy as e:  # too busy to answer in time: no reason to cool it down
+                self._busy(state)
                 reasons[i] = str(e)
                 continue
             except (BackendError, ValueError) as e:
@@ -137,17 +145,18 @@ class Chain:
             else:
                 self._served(state)
                 return result, generation
+            if request.cancelled.is_set():  # stopped because the caller left: says nothing of the backend
+                continue
             self._failed(state, reasons[i])
         raise AllBackendsFailed([(self.states[i].label, reasons[i]) for i in sorted(reasons)])
 
-    @staticmethod
-    def _ask(state: BackendState, request: Request, accept: Callable[[Generation], T]) -> tuple[T, Generation]:
+    def _ask(self, state: BackendState, request: Request, accept: Callable[[Generation], T]) -> tuple[T, Generation]:
         """One backend's answer, with one retry when accept() rejects it and time is left."""
         generation = state.backend.generate(request)
         try:
             return accept(generation), generation
         except AnswerRejected as e:
-            if request.seconds_left() < MIN_SECONDS_TO_TRY:
+            if request.seconds_left() < MIN_SECONDS_TO_TRY or request.cancelled.is_set():
                 raise
             log.info("backend %s: answer rejected (%s); trying once more%s", state.label, e,
                      " from where it went wrong" if e.retry_from else "")
@@ -159,6 +168,7 @@ class Chain:
             try:
                 generation = state.backend.generate(retry)
             except BackendBusy:  # no time for it: the rejection is the news
+                self._busy(state)
                 raise e from None
             return accept(generation), generation
 
@@ -169,6 +179,10 @@ class Chain:
             if state.consecutive_failures >= self.failures_before_cooldown:
                 state.cooldown_until = time.monotonic() + self.cooldown_s
         log.warning("backend %s failed: %s", state.label, error)
+
+    def _busy(self, state: BackendState) -> None:
+        with self._lock:
+            state.busy += 1
 
     def _served(self, state: BackendState) -> None:
         with self._lock:
@@ -218,7 +232,7 @@ class Chain:
                 if cooling and health.ok:
                     detail = f"skipped for {cooling:.0f} s after failing: {state.last_error}"
                 rows.append(BackendStatus(state.label, state.type, state.mode, state.usable(now), detail,
-                                          round(cooling, 1), state.served))
+                                          round(cooling, 1), state.served, state.busy))
         return rows
 
     def serving(self) -> BackendState | None:

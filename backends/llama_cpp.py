@@ -28,7 +28,7 @@ from backends.base import (Backend, BackendBusy, BackendError, BackendSettings, 
 from backends.batching import Engine, Job, Load
 from backends.constraint import Vocabulary
 from backends.llama_build import system_info
-from backends.sizing import Cost, fit_schema, shrink, strings_in, worst_case
+from backends.sizing import CharCost, Cost, fit_schema, shrink, strings_in, worst_case
 from models import fit
 from models.catalog import load_profile
 from models.embedded import DISPLAY_NAME, EmbeddedModelMissing, embedded_model_path
@@ -42,14 +42,8 @@ GET_A_MODEL = ("get one with `.venv/bin/python scripts/download_model.py llama-3
 PROMPT_CELLS, LONGEST_FLOOR_CHARS = 1024, 1200
 DENSE_TEXT = "灯塔看守人每晚数着过往的船只，把它们的名字写进一本无人翻阅的账簿。"  # CJK: most tokens a character
 MAX_AUTO_PARALLEL = 8
-PLAN_MARGIN = 1.15  # estimates are running averages: plan for a little slower than measured
-TOKENS_PER_CHAR_CACHE = 64
-TOKENS_PER_CHAR_EMA, TOKENS_PER_CHAR_MIN_ANSWER = 0.3, 200  # answers shorter than this say little
-# Of the sample's figure: one odd answer cannot move plans far. The floor is high because answers to one
-# request may come in another language (3.2.1's English context with a Chinese prompt): a run of cheap
-# English answers must not leave the next Chinese one planned at half its cost, to end at the hard limit.
-TOKENS_PER_CHAR_RANGE = (0.8, 1.5)
 FUTURE_GRACE_S = 5.0
+REVIVE_EVERY_S = 60.0  # a context that keeps breaking is not rebuilt in a loop
 CLOSE_WAIT_S = 10.0  # for callers to leave once the engine has failed their answers, before the model is freed
 MAX_TOKENS_MARGIN = 1.5  # the model may spend more tokens a character than the sample: a safety bound
 WARM_UP_TEXT = ("The lighthouse keeper counted the ships each night, writing their names in a ledger that "
@@ -72,6 +66,11 @@ class LlamaCppSettings(BackendSettings):
     parallel: int | Literal["auto"] = Field(
         "auto", description="Requests decoded together, each with n_ctx / parallel tokens of KV cache; auto: as "
         "many as the context holds the longest answer for (2048 tokens each for Llama-3, 4096 for SmolLM2), up to 8.")
+    kv_unified: bool | Literal["auto"] = Field(
+        "auto", description="One KV cache pool for all requests (llama.cpp evaluates any step in one pass over the "
+        "weights) or a stream per request (attention over its own cells only; a step of non-consecutive requests "
+        "takes several passes). auto: unified when layers are on the GPU, a stream each on the CPU, as measured "
+        "(scripts/bench.py's step rows, docs/measurements.md).")
     seed: int | None = Field(None, ge=0, description="Sampling seed; default: fresh for every request.")
     mmap: bool | Literal["auto"] = Field(
         "auto", description="Map the model file instead of reading it into memory. A mapped file must not be "
@@ -145,6 +144,17 @@ def use_mmap(setting: bool | str, path: Path) -> bool:
     return path.stat().st_size > ram / 2
 
 
+def kv_unified(setting: bool | str, plan: fit.Plan) -> bool:
+    return plan.n_gpu_layers != 0 if setting == "auto" else bool(setting)
+
+
+def make_context(model: ll.Model, plan: fit.Plan, settings: LlamaCppSettings, parallel: int) -> ll.Context:
+    return ll.Context(model, n_ctx=plan.n_ctx, n_batch=min(settings.n_batch, plan.n_ctx), n_seq_max=parallel,
+                      flash_attn=plan.flash_attn, kv_cache_type=plan.kv_cache_type,
+                      n_threads=settings.n_threads or default_threads(),
+                      kv_unified=kv_unified(settings.kv_unified, plan))
+
+
 def load_planned(path: Path, plan: fit.Plan, settings: LlamaCppSettings) -> tuple[ll.Model, ll.Context, fit.Plan, int]:
     """Load with the plan; when the GPU runs out of memory, retry with fewer layers instead of crashing."""
     mapped = use_mmap(settings.mmap, path)
@@ -153,10 +163,7 @@ def load_planned(path: Path, plan: fit.Plan, settings: LlamaCppSettings) -> tupl
         try:
             model = ll.Model(path, plan.n_gpu_layers, use_mmap=mapped)
             parallel = parallel_for(settings.parallel, plan.n_ctx, cells_per_request(model))
-            ctx = ll.Context(model, n_ctx=plan.n_ctx, n_batch=min(settings.n_batch, plan.n_ctx), n_seq_max=parallel,
-                             flash_attn=plan.flash_attn, kv_cache_type=plan.kv_cache_type,
-                             n_threads=settings.n_threads or default_threads())
-            return model, ctx, plan, parallel
+            return model, make_context(model, plan, settings, parallel), plan, parallel
         except ll.LlamaError as e:
             if model is not None:
                 model.close()
@@ -204,11 +211,10 @@ class LlamaCppBackend(Backend):
             eos_text = self.model.piece(eos).decode(errors="replace") if eos >= 0 else ""
             self._formatter = Jinja2ChatFormatter(template=self.model.chat_template() or "", eos_token=eos_text,
                                                   bos_token=self._bos)
-            self._tokens_per_char: dict[str, float] = {}
-            self._tokens_per_char_lock = threading.Lock()
-            self.engine = Engine(self.model, self.ctx, Vocabulary(self.model), self.parallel)
-            warm_up = self.prompt_tokens([{"role": "user", "content": WARM_UP_TEXT * 3}])
-            self.engine.start(warm_up[:192])
+            self.char_cost = CharCost(self.count_tokens)
+            self._vocab = Vocabulary(self.model)
+            self._revive_lock, self._revived_at, self.revived = threading.Lock(), 0.0, None
+            self._start_engine()
         except Exception as e:
             if self.engine is not None:
                 self.engine.close()
@@ -220,6 +226,32 @@ class LlamaCppBackend(Backend):
             raise
         log.info("loaded %s in %.1f s; %d requests decode together; measured %s\n%s", self.model_name,
                  time.monotonic() - started, self.parallel, self.engine.speed.snapshot(), self.plan.table())
+
+    def _start_engine(self) -> None:
+        self.engine = Engine(self.model, self.ctx, self._vocab, self.parallel)
+        warm_up = self.prompt_tokens([{"role": "user", "content": WARM_UP_TEXT * 3}])
+        self.engine.start(warm_up[:192])
+
+    def _revive(self) -> None:
+        """A stopped engine (its context broke: decodes kept failing) is rebuilt on a fresh context, at most
+        once a minute; the model stays loaded. Callers of the old engine have had their answers failed."""
+        with self._revive_lock:
+            if self.engine.alive() or self._closed or time.monotonic() - self._revived_at < REVIVE_EVERY_S:
+                return
+            self._revived_at = time.monotonic()
+            why = self.engine.stopped_because or "unknown"
+            log.warning("%s: the llama.cpp engine stopped (%s); rebuilding its context", self.name, why)
+            self.engine.close()
+            self.ctx.close()
+            try:
+                self.ctx = make_context(self.model, self.plan, self.settings, self.parallel)
+                self._start_engine()
+            except Exception as e:
+                log.exception("%s: rebuilding the llama.cpp context failed", self.name)
+                self.revived = f"the llama.cpp context broke ({why}) and rebuilding it failed: {type(e).__name__}: {e}"
+                return
+            self.revived = f"rebuilt the llama.cpp context at {time.strftime('%H:%M:%S')} after: {why}"
+            log.warning("%s: %s", self.name, self.revived)
 
     @classmethod
     def from_settings(cls, settings: LlamaCppSettings) -> LlamaCppBackend:
@@ -251,35 +283,15 @@ class LlamaCppBackend(Backend):
         return len(self.model.tokenize(text, add_special=False, parse_special=False))
 
     def tokens_per_char(self, sample: str) -> float:
-        """What a character of the sample's language costs on this model's tokenizer: measured on the
-        sample (Chinese costs SmolLM2 1.8 tokens a character, Llama-3 0.8), then on the answers served."""
-        return self._tokens_per_char_entry(sample or WARM_UP_TEXT)[1]
+        """The high estimate of what a character of the sample's language costs (sizing.CharCost)."""
+        return self.char_cost.high(sample or WARM_UP_TEXT)
 
-    def _tokens_per_char_entry(self, sample: str) -> list[float]:
-        """[measured on the sample, current estimate]"""
-        with self._tokens_per_char_lock:  # requests arrive on many threads
-            if sample not in self._tokens_per_char:
-                if len(self._tokens_per_char) >= TOKENS_PER_CHAR_CACHE:  # samples may be requests' own text
-                    self._tokens_per_char.pop(next(iter(self._tokens_per_char)))
-                measured = self.count_tokens(sample) / len(sample)
-                self._tokens_per_char[sample] = [measured, measured]
-            return self._tokens_per_char[sample]
-
-    def _learn_tokens_per_char(self, sample: str, text: str, sampled_tokens: int) -> None:
-        """A sample is written by hand; what the model samples for the strings of its own answers in that
-        language (commoner characters, a Latin id here and there, but not always the tokenizer's longest
-        pieces) is what answers will cost."""
+    def _learn_tokens_per_char(self, text: str, sampled_tokens: int) -> None:
         try:
-            chars = sum(len(s) for s in strings_in(json.loads(text)))
+            strings = "".join(strings_in(json.loads(text)))
         except ValueError:
             return
-        if chars < TOKENS_PER_CHAR_MIN_ANSWER:
-            return
-        seen = sampled_tokens / chars
-        entry = self._tokens_per_char_entry(sample or WARM_UP_TEXT)
-        with self._tokens_per_char_lock:
-            lo, hi = entry[0] * TOKENS_PER_CHAR_RANGE[0], entry[0] * TOKENS_PER_CHAR_RANGE[1]
-            entry[1] = min(max(entry[1] + TOKENS_PER_CHAR_EMA * (seen - entry[1]), lo), hi)
+        self.char_cost.learn(strings, sampled_tokens)
 
     # --- generating ---------------------------------------------------------------------------------
     def generate(self, request: Request) -> Generation:
@@ -296,6 +308,10 @@ class LlamaCppBackend(Backend):
 
     def _generate(self, request: Request) -> Generation:
         started = time.monotonic()
+        if not math.isfinite(request.deadline):
+            raise BackendError(f"the request's deadline is {request.deadline}: it must be a finite time")
+        if not self.engine.alive():
+            self._revive()
         tpc = self.tokens_per_char(request.language_sample)
         prompt_estimate = len(self.prompt_tokens(request.messages))
         floor = shrink(request.schema, 0.0) if request.schema and request.resize else request.schema
@@ -303,17 +319,18 @@ class LlamaCppBackend(Backend):
         share = self.engine.prefill_share()
         floor_s = tuple(self._seconds(floor_cost, prompt_estimate, n, share) for n in (1, self.parallel))
         ticket = self.engine.submit(request.deadline, lambda load: self._prepare(request, tpc, load, prompt_estimate),
-                                    floor_s, request.priority)
+                                    floor_s, request.priority, prompt_estimate, request.cancelled)
         try:  # the engine answers every ticket by its limit; the timeout only guards against a bug there
             result = ticket.future.result(timeout=max(request.seconds_left(), 0.0) + FUTURE_GRACE_S)
         except FutureTimeout:
+            ticket.cancelled.set()  # its slot frees at the next step
             raise DeadlineExceeded(f"{self.name}: no answer from the engine by the hard limit") from None
         text = request.prefix + self.model.detokenize(result.tokens).decode("utf-8", errors="replace")
-        if request.schema and result.finish_reason == "length":
-            raise BackendError(f"the answer reached {len(result.tokens)} tokens before its JSON was complete "
-                               f"({result.note})")
+        if request.schema and result.finish_reason == "length":  # it ran past its plan: overload, not a fault
+            raise BackendBusy(f"busy: the answer reached {len(result.tokens)} tokens before its JSON was complete "
+                              f"({result.note})")
         if request.schema and not request.prefix:
-            self._learn_tokens_per_char(request.language_sample, text, len(result.tokens) - result.forced)
+            self._learn_tokens_per_char(text, len(result.tokens) - result.forced)
         seconds = time.monotonic() - started
         log.debug("%s: %d prompt tokens (%d reused) + %d tokens (%d forced) in %.2f s after %.2f s queued; %s",
                   self.name, result.prompt_tokens, result.reused_tokens, len(result.tokens), result.forced,
@@ -328,7 +345,7 @@ class LlamaCppBackend(Backend):
         return worst_case(schema, tpc, self.count_tokens)
 
     def _seconds(self, cost: Cost, prompt_tokens: int, sequences: int, prefill_share: float) -> float:
-        return self.engine.speed.seconds(cost, prompt_tokens, sequences) * PLAN_MARGIN / (1 - prefill_share)
+        return self.engine.speed.planned(cost, prompt_tokens, sequences, prefill_share)
 
     def _prepare(self, request: Request, tpc: float, load: Load, asked_prompt: int) -> Job:
         """At admission: size the answer for the load it will run under, then build its prompt and state."""
@@ -340,8 +357,8 @@ class LlamaCppBackend(Backend):
         if cost is not None and cost.bounded:  # unbounded: only the hard limit ends it
             max_tokens = min(max_tokens, math.ceil(cost.tokens * MAX_TOKENS_MARGIN) + 16)
         if max_tokens < 1:
-            raise BackendError(f"the prompt is {len(prompt)} tokens and each request has {load.kv_room} tokens "
-                               f"of KV cache; raise n_ctx or set a lower parallel")
+            raise BackendBusy(f"does not fit: the prompt is {len(prompt)} tokens and each request has "
+                              f"{load.kv_room} tokens of KV cache; raise n_ctx or set a lower parallel")
         matcher = self.engine.vocab.matcher(schema) if schema is not None else None
         if matcher is not None and prefix:
             matcher.consume(prefix)
@@ -370,9 +387,9 @@ class LlamaCppBackend(Backend):
             return request.schema, request.messages, cost, "fixed size"
         floor = self._cost(shrink(request.schema, 0.0), tpc)
         if floor.tokens > room:
-            raise BackendError(f"even the smallest answer needs {floor.tokens:.0f} tokens of KV cache beside its "
-                               f"{prompt_n}-token prompt, and each request has {load.kv_room}; raise n_ctx or set "
-                               f"a lower parallel")
+            raise BackendBusy(f"does not fit: even the smallest answer needs {floor.tokens:.0f} tokens of KV cache "
+                              f"beside its {prompt_n}-token prompt, and each request has {load.kv_room}; raise n_ctx "
+                              f"or set a lower parallel")
 
         def seconds_of(schema: dict[str, Any]) -> tuple[Cost, float]:
             cost = self._cost(schema, tpc)
@@ -414,8 +431,10 @@ class LlamaCppBackend(Backend):
                                  f"n_gpu_layers: 0")
         where = f"{self.plan.n_gpu_layers} layers on GPU" if self.plan.n_gpu_layers else "CPU only"
         if not self.engine.alive():
-            return Health(False, f"{self.model_name}: the llama.cpp engine has stopped (the log says why); "
-                                 f"restart the miner")
+            self._revive()
+        if not self.engine.alive():
+            why = self.revived or f"the llama.cpp engine stopped: {self.engine.stopped_because or 'the log says why'}"
+            return Health(False, f"{self.model_name}: {why}; it is rebuilt at most once a minute, or restart the miner")
         busy = self.engine.active() + self.engine.waiting()
         if busy:
             return Health(True, f"{self.model_name}: serving {busy} requests ({where})")
@@ -425,7 +444,8 @@ class LlamaCppBackend(Backend):
             generation = self.generate(request)
         except BackendError as e:
             return Health(False, str(e))
-        return Health(True, f"{self.model_name}: generated {generation.completion_tokens} tokens ({where})")
+        news = f"; {self.revived}" if self.revived else ""
+        return Health(True, f"{self.model_name}: generated {generation.completion_tokens} tokens ({where}){news}")
 
     def close(self) -> None:
         with self._calls_done:

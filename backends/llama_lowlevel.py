@@ -99,17 +99,20 @@ class Model:
 
 
 class Context:
-    """A context for up to n_seq_max sequences, each with its own n_ctx / n_seq_max cells of KV cache.
+    """A context for up to n_seq_max sequences.
 
-    Not a unified cache: there every sequence's attention runs over every sequence's cells (masked), which
-    made a step at 4 sequences of 1000 tokens 45% slower on 2 cores (docs/measurements.md)."""
+    kv_unified: one pool of n_ctx cells for all sequences. llama.cpp then evaluates any batch in one pass
+    over the weights, but every token attends over every sequence's cells (masked). Otherwise each
+    sequence has a stream of n_ctx / n_seq_max cells, and a batch is split into passes of consecutive
+    sequence ids with equal token counts (llama-batch.cpp split_equal). Which is faster depends on the
+    machine: scripts/bench.py's step rows measure both."""
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_seq_max: int, flash_attn: bool,
-                 kv_cache_type: str, n_threads: int):
+                 kv_cache_type: str, n_threads: int, kv_unified: bool = False):
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
         params.n_seq_max = n_seq_max
-        params.kv_unified = False
+        params.kv_unified = kv_unified
         params.n_threads = params.n_threads_batch = n_threads
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
@@ -123,7 +126,7 @@ class Context:
         self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ptr)
         self.n_batch = llama_cpp.llama_n_batch(self.ptr)
-        self.n_seq_max = n_seq_max
+        self.n_seq_max, self.kv_unified = n_seq_max, kv_unified
 
     def decode(self, batch: Batch) -> None:
         rc = llama_cpp.llama_decode(self.ptr, batch.c)
@@ -145,9 +148,13 @@ class Context:
             raise LlamaError(f"llama.cpp could not drop positions {start}.. of sequence {seq}")
 
     def share(self, src: int, dst: int, keep: int) -> None:
-        """Give sequence dst the cells of src's first `keep` positions, in place of its own. Each sequence has
-        a stream of its own here, so llama.cpp copies src's whole stream (at the next decode), then dst
-        drops what lies past `keep`."""
+        """Give sequence dst the cells of src's first `keep` positions, in place of its own. In a unified
+        cache the cells are shared, not copied; with a stream per sequence llama.cpp copies src's whole
+        stream (at the next decode), then dst drops what lies past `keep`."""
+        self.forget(dst)
+        if self.kv_unified:
+            llama_cpp.llama_memory_seq_cp(self.mem, src, dst, 0, keep)
+            return
         llama_cpp.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
         self.forget(dst, keep)
 
@@ -194,15 +201,17 @@ class Batch:
 
 
 class SamplerChain:
-    """llama.cpp's C sampler chain for one sequence: repeat penalty, top-k, top-p, temperature, draw."""
+    """llama.cpp's C sampler chain for one sequence: top-k, repeat penalty, top-p, temperature, draw. Top-k
+    first: the penalty then looks at 40 candidates, not the whole vocabulary (128k for Llama-3), each token."""
 
     PENALTY_LAST_N = 64  # sampled tokens the repeat penalty looks back over
 
     def __init__(self, n_vocab: int, *, temperature: float, top_p: float, repeat_penalty: float, seed: int,
                  top_k: int = 40):
         self.ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        steps = [llama_cpp.llama_sampler_init_penalties(n_vocab, self.PENALTY_LAST_N, repeat_penalty, 0.0, 0.0),
-                 llama_cpp.llama_sampler_init_top_k(top_k), llama_cpp.llama_sampler_init_top_p(top_p, 1)]
+        steps = [llama_cpp.llama_sampler_init_top_k(top_k),
+                 llama_cpp.llama_sampler_init_penalties(n_vocab, self.PENALTY_LAST_N, repeat_penalty, 0.0, 0.0),
+                 llama_cpp.llama_sampler_init_top_p(top_p, 1)]
         if temperature > 0:
             steps += [llama_cpp.llama_sampler_init_temp(temperature), llama_cpp.llama_sampler_init_dist(seed)]
         else:

@@ -12,9 +12,11 @@ import copy
 import json
 import math
 import threading
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+PLAN_MARGIN = 1.05  # step times are running averages (token counts have their own high estimate: CharCost)
 EMA = 0.1  # weight of a new observation in the running prompt speed
 LINE_DECAY = 0.998  # weight an older decode step keeps per newer one (about the last 500 steps count)
 MIN_SPREAD_CELLS = 128  # steps must span about this much context before a slope is read off them
@@ -190,6 +192,11 @@ class Speed:
         cells = n * (prompt_tokens + cost.tokens / 2)
         return cost.sampled * self.step_s(n, cells) + (cost.forced + prompt_tokens) / self.prefill_tps
 
+    def planned(self, cost: Cost, prompt_tokens: int, n: int, prefill_share: float) -> float:
+        """What an answer is planned to take: its time at n sequences, with the margin, while other
+        requests' prompts take `prefill_share` of the time."""
+        return self.seconds(cost, prompt_tokens, n) * PLAN_MARGIN / (1 - prefill_share)
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             lines = sorted(self._lines.items())
@@ -197,6 +204,69 @@ class Speed:
         return {"prefill_tok_s": round(self.prefill_tps, 1),
                 "decode_tok_s_by_sequences": {n: round(n / line.at(line.x / line.w, 0.0), 1) for n, line in lines},
                 "step_us_per_kv_cell": round(per_cell * 1e6, 2)}
+
+
+def script_of(text: str) -> str:
+    """The writing system most of the text's letters belong to (CJK, LATIN, CYRILLIC...): the first word of
+    their Unicode names."""
+    counts: dict[str, int] = {}
+    for ch in text[:2000]:
+        if ch.isalpha():
+            script = unicodedata.name(ch, "UNKNOWN").split(" ")[0]
+            counts[script] = counts.get(script, 0) + 1
+    return max(counts, key=counts.get) if counts else "UNKNOWN"
+
+
+class CharCost:
+    """Tokens a character of answer text costs on this model, per writing system: measured on a sample of
+    the requested language (Chinese costs SmolLM2 1.8 tokens a character, Llama-3 0.8), then learned from
+    the strings of the answers served, filed under the script they were written in (a model asked for
+    Chinese may answer in English: that says nothing of what Chinese costs). Plans use the high estimate:
+    the running mean plus Z spreads of how far answers fell from it, so about 1 answer in 20 costs more
+    than planned (with the mean alone, every other one). Z is above the normal 1.645 because mean and
+    spread are estimates themselves (tests/test_sizing.py)."""
+
+    Z = 1.8
+    MEAN_EMA, SPREAD_EMA, MIN_CHARS = 0.3, 0.1, 200  # answers shorter than this say little
+    START_SPREAD = 0.1  # of the first figure, until answers show theirs
+    RANGE = (0.8, 1.5)  # of the first figure: one odd answer cannot move plans far
+
+    def __init__(self, count_tokens: Callable[[str], int]):
+        self._count = count_tokens
+        self._lock = threading.Lock()  # requests arrive on many threads
+        self._by_script: dict[str, list[float]] = {}  # script -> [first figure, mean, mean squared miss]
+
+    def _entry(self, script: str, first: Callable[[], float]) -> list[float]:
+        with self._lock:
+            entry = self._by_script.get(script)
+        if entry is None:
+            figure = first()
+            with self._lock:
+                entry = self._by_script.setdefault(script, [figure, figure, (figure * self.START_SPREAD) ** 2])
+        return entry
+
+    def _of_sample(self, sample: str) -> list[float]:
+        return self._entry(script_of(sample), lambda: self._count(sample) / len(sample))
+
+    def mean(self, sample: str) -> float:
+        return self._of_sample(sample)[1]
+
+    def high(self, sample: str) -> float:
+        first, mean, miss = self._of_sample(sample)
+        return min(max(mean + self.Z * math.sqrt(miss), first * self.RANGE[0]), first * self.RANGE[1])
+
+    def learn(self, text: str, sampled_tokens: int) -> None:
+        """What the model samples for its answers' strings (commoner characters, a Latin id here and there) is
+        what answers will cost, more than a hand-written sample says."""
+        if len(text) < self.MIN_CHARS:
+            return
+        seen = sampled_tokens / len(text)
+        entry = self._entry(script_of(text), lambda: seen)
+        with self._lock:
+            first, mean, miss = entry
+            diff = seen - mean
+            entry[1] = min(max(mean + self.MEAN_EMA * diff, first * self.RANGE[0]), first * self.RANGE[1])
+            entry[2] = miss + self.SPREAD_EMA * (diff * diff - miss)
 
 
 @dataclass(frozen=True)

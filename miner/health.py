@@ -125,12 +125,13 @@ class HealthReport:
         lines = [f"{self.status.upper()} (exit {self.exit_code}): {self.summary}",
                  f"config: {self.config}; checked by {self.checked_by} at {self.checked_at}",
                  f"llama.cpp build: {self.build}"]
-        rows = [("BACKEND", "TYPE", "MODE", "STATE", "DETAIL")]
-        rows += [(b.name, b.type, b.mode, STATE_WORDS[b.ok], b.detail) for b in self.backends]
-        rows.append(("axon", "", "", STATE_WORDS[self.axon.ok], f"{self.axon.address}: {self.axon.detail}"))
-        rows += [(c.name, "", "", STATE_WORDS[c.ok], c.detail) for c in self.checks]
-        widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
-        lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) + "  " + str(r[4]) for r in rows]
+        # SERVED and BUSY count requests since the miner started: answered, and refused for load (not failed).
+        rows = [("BACKEND", "TYPE", "MODE", "STATE", "SERVED", "BUSY", "DETAIL")]
+        rows += [(b.name, b.type, b.mode, STATE_WORDS[b.ok], b.served, b.busy, b.detail) for b in self.backends]
+        rows.append(("axon", "", "", STATE_WORDS[self.axon.ok], "", "", f"{self.axon.address}: {self.axon.detail}"))
+        rows += [(c.name, "", "", STATE_WORDS[c.ok], "", "", c.detail) for c in self.checks]
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) + "  " + str(r[-1]) for r in rows]
         return "\n".join(lines)
 
 

@@ -9,8 +9,10 @@ No `from __future__ import annotations` here: Axon.attach() inspects the real an
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import math
 import threading
 import time
 import typing
@@ -28,7 +30,7 @@ from miner.health import Check
 from miner.health_monitor import HealthMonitor
 from miner.protocol import StoryGenerationSynapse, unknown_model_info
 from miner.reachability import Endpoint
-from miner.service import Answer, StoryService, clean_text
+from miner.service import VALIDATOR_TIMEOUT_S, Answer, StoryService, clean_text
 from miner.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -120,15 +122,19 @@ class Miner:
         known = self.callers.get(caller) if caller else None
         if known is not None:
             self._last_request = arrived
+        cancelled = threading.Event()
         with self._idle:
             self._in_flight += 1
         try:
             if self._closing:
                 answer = Answer({"error": SHUTTING_DOWN}, time.monotonic() - arrived)
             else:
-                answer = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.service.answer, fields, synapse.timeout, known.stake if known else 0.0,
-                    arrived)
+                answer = await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(
+                    self.service.answer, fields, synapse.timeout, known.stake if known else 0.0, arrived,
+                    cancelled=cancelled))
+        except asyncio.CancelledError:  # the request was dropped: the backend frees its slot at its next step
+            cancelled.set()
+            raise
         finally:
             with self._idle:
                 self._in_flight -= 1
@@ -136,6 +142,10 @@ class Miner:
         for name, value in fields.items():  # the response echoes the inputs: they must encode as UTF-8 JSON
             if not _encodable(value):
                 setattr(synapse, name, clean_text(value) if isinstance(value, str) else None)
+        # NaN or infinity, refused in the answer, would be echoed as is, and JSON has no such numbers: the
+        # Axon would answer HTTP 500. None would break the caller reading the timeout header back.
+        if synapse.timeout is not None and not math.isfinite(synapse.timeout):
+            synapse.timeout = VALIDATOR_TIMEOUT_S
         synapse.output_data = answer.output
         synapse.generation_time = round(answer.seconds, 3)
         synapse.miner_version = __version__

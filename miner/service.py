@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,9 @@ log = logging.getLogger(__name__)
 
 MAX_CHAPTER_ID = 100
 VALIDATOR_TIMEOUT_S = 60.0  # what validators give a request; also the default outside the Axon
+# A longer timeout is read as this: validators wait 60 s, and an answer planned for longer would hold a
+# decoding slot for minutes, most likely for a caller that has long stopped waiting.
+MAX_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -143,6 +147,19 @@ def _check_chapter_ids(value: Any, limit: int) -> list[int] | None:
     return value
 
 
+def check_timeout(value: Any) -> float:
+    """The caller's timeout in seconds, clamped to MAX_TIMEOUT_S; None is a validator's 60 s. NaN, infinity
+    and anything not above 0 are refused: they would make a deadline that never comes or has passed."""
+    if value is None:
+        return VALIDATOR_TIMEOUT_S
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value)) or value <= 0):  # an int is finite
+        raise TaskInputError(f"timeout must be a finite number of seconds above 0 (validators send "
+                             f"{VALIDATOR_TIMEOUT_S:.0f}; more than {MAX_TIMEOUT_S:.0f} is read as "
+                             f"{MAX_TIMEOUT_S:.0f}), got {value!r:.40}")
+    return float(min(value, MAX_TIMEOUT_S))  # min first: an int may be too large for a float
+
+
 def prepare(fields: dict[str, Any], s: GenerationSettings) -> tuple[TaskSpec, Context]:
     """Validate a request's fields into a task spec and its context; raise TaskInputError if unusable."""
     task_type = fields.get("task_type")
@@ -171,7 +188,7 @@ class StoryService:
         return prepare(fields, self.settings)
 
     def request_for(self, spec: TaskSpec, ctx: Context, deadline: float, target: float,
-                    priority: float = 0.0) -> Request:
+                    priority: float = 0.0, cancelled: threading.Event | None = None) -> Request:
         language = self.settings.language
         schema = spec.schema(ctx)
         return Request(
@@ -179,19 +196,22 @@ class StoryService:
             deadline=deadline, target=target, resize=lambda sized: spec.messages(ctx, language, sized),
             language_sample=language_sample(ctx.user_input, language), priority=priority,
             temperature=self.settings.temperature, top_p=self.settings.top_p,
-            repeat_penalty=self.settings.repeat_penalty)
+            repeat_penalty=self.settings.repeat_penalty,
+            cancelled=cancelled if cancelled is not None else threading.Event())
 
     def answer(self, fields: dict[str, Any], timeout_s: float | None = None, priority: float = 0.0,
-               arrived: float | None = None) -> Answer:
+               arrived: float | None = None, cancelled: threading.Event | None = None) -> Answer:
         """Blocking. Never raises for bad input or failed backends: the output then carries `error`.
-        timeout_s is the caller's own timeout (validators: 60 s), counted from `arrived` (time.monotonic()
-        when the request came in; default now): the answer is aborted response_margin_s before it, and
-        sized to arrive within target_s."""
+        timeout_s is the caller's own timeout (validators: 60 s; check_timeout says what is accepted),
+        counted from `arrived` (time.monotonic() when the request came in; default now): the answer is
+        aborted response_margin_s before it, and sized to arrive within target_s. Setting `cancelled`
+        (the caller has gone away) stops the answer where the backend can, and the chain tries no other."""
         start = time.monotonic() if arrived is None else arrived
-        hard = max((timeout_s or VALIDATOR_TIMEOUT_S) - self.settings.response_margin_s, 1.0)
         try:
+            hard = max(check_timeout(timeout_s) - self.settings.response_margin_s, 1.0)
             spec, ctx = self.prepare(fields)
-            request = self.request_for(spec, ctx, start + hard, start + min(self.settings.target_s, hard), priority)
+            request = self.request_for(spec, ctx, start + hard, start + min(self.settings.target_s, hard), priority,
+                                       cancelled)
             output, generation = self.chain.generate(
                 request, lambda g: spec.check(parse_json_object(g.text), ctx))
         except (TaskInputError, BackendError) as e:

@@ -8,8 +8,13 @@
    strings, facts.md.) Raw llama.cpp runs in a process of its own: llama.cpp's OpenMP workers slow
    down a second thread that decodes in the same process (docs/measurements.md).
 2. Batching: the same requests (a validators' Chinese request, full size) with 1, 2 and 4 decoding at
-   once; total completion tokens a second against 1 at a time. Beside them, the ceiling on this machine:
-   a bare low-level loop decoding 1, 2 and 4 sequences of free text, one llama_decode a step.
+   once; total completion tokens a second against 1 at a time, and each step's time with the part that is
+   not llama_decode (the engine's Python: masks, sampling, bookkeeping). Beside them, raw llama.cpp on
+   this machine: a bare low-level loop doing the same work (the same prompts, each answer as many
+   free tokens as the miner's, one llama_decode a step, a request joining as another leaves), and a bare
+   loop decoding 1, 2 and 4 sequences of free text with no prompts at all (the decode ceiling).
+4. Steps: ms per llama_decode for the batch shapes the engine's steps have (consecutive sequence ids or a
+   gap, forced text, a prompt chunk), with a KV stream per sequence and with one unified cache.
 3. A burst: 4 identical requests at once, as the 3.2.1 validators of one block send them, served as
    the miner serves them (sized to the validators' clock), with the engine's prefix sharing off and on
    (the prompt evaluated once, its KV cells copied), in the order off, on, on, off: refusals, time to
@@ -111,25 +116,32 @@ def raw_worker(jobs_file: Path) -> int:
     """Raw llama.cpp, in this process of its own: the job file says what, results go to stdout."""
     jobs = json.loads(jobs_file.read_text())
     load = jobs["load"]
-    kv = llama_cpp.GGML_TYPE_Q8_0 if load.pop("kv_cache_type") == "q8_0" else None
-    llm = llama_cpp.Llama(**load, type_k=kv, type_v=kv, verbose=False)
+    kv = llama_cpp.GGML_TYPE_Q8_0 if load["kv_cache_type"] == "q8_0" else None
+    llm = llama_cpp.Llama(**{k: v for k, v in load.items() if k != "kv_cache_type"}, type_k=kv, type_v=kv,
+                          verbose=False)
     try:
         runs = [raw_run(llm, run["messages"], run["max_tokens"], run["seed"]) for run in jobs["runs"]]
     finally:
         llm.close()
     steps = jobs["bare_steps"]
-    bare = bare_loop(load["model_path"], load["n_gpu_layers"], load["n_threads"], steps) if steps else []
-    json.dump({"runs": runs, "bare": bare}, sys.stdout)
+    work = jobs["same_work"]
+    bare = with_ratios([same_work_loop(load, work, n, jobs["kv_unified"]) for n in CONCURRENCY]) if work else []
+    bare += bare_loop(load["model_path"], load["n_gpu_layers"], load["n_threads"], steps) if steps else []
+    shapes = (step_shapes(load["model_path"], load["n_gpu_layers"], load["n_threads"], load["flash_attn"],
+                          jobs["step_cells"], STEP_REPEATS) if jobs["step_cells"] else [])
+    json.dump({"runs": runs, "bare": bare, "steps": shapes}, sys.stdout)
     return 0
 
 
-def raw_llama_cpp(backend: LlamaCppBackend, n_threads: int, runs: list[dict], bare_steps: int) -> dict:
+def raw_llama_cpp(backend: LlamaCppBackend, n_threads: int, runs: list[dict], bare_steps: int,
+                  same_work: list[tuple[list[int], int]], step_cells: int) -> dict:
     plan = backend.plan  # the miner's own plan: the same layers, context and cache type
     load = {"model_path": str(backend.path), "n_gpu_layers": plan.n_gpu_layers, "n_ctx": plan.n_ctx,
             "flash_attn": plan.flash_attn, "n_threads": n_threads, "kv_cache_type": plan.kv_cache_type}
-    log.info("raw llama.cpp: %d runs and the bare loop, in a process of its own", len(runs))
+    log.info("raw llama.cpp: %d runs and the bare loops, in a process of its own", len(runs))
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        json.dump({"load": load, "runs": runs, "bare_steps": bare_steps}, f)
+        json.dump({"load": load, "runs": runs, "bare_steps": bare_steps, "same_work": same_work,
+                   "kv_unified": backend.ctx.kv_unified, "step_cells": step_cells}, f)
         f.flush()
         out = subprocess.run([sys.executable, __file__, "--raw-jobs", f.name], capture_output=True, text=True)
     if out.returncode != 0:
@@ -173,14 +185,21 @@ def bench_batching(backend: LlamaCppBackend, task: str, requests: int) -> list[d
             continue
         backend.engine.forget_cached()
         log.info("batching: %d %s requests, %d at once", requests, task, at_once)
+        stats = dict(backend.engine.stats)
         started = time.perf_counter()
         with ThreadPoolExecutor(at_once) as pool:
             done = list(pool.map(lambda f: backend.generate(full_size_request(f)), fields))
         seconds = time.perf_counter() - started
+        steps, step_s, decode_s, prepares, prepare_s = (backend.engine.stats[k] - stats[k] for k in (
+            "steps", "step_s", "decode_s", "prepares", "prepare_s"))
         tokens = sum(g.completion_tokens for g in done)
         ok = sum(valid(task, g.text, context_of(f)) for g, f in zip(done, fields))
         rows.append({"path": f"miner, {requests} {task} requests", "at_once": at_once, "tokens": tokens,
-                     "seconds": seconds, "tok_per_s": tokens / seconds, "valid": f"{ok}/{requests}"})
+                     "seconds": seconds, "tok_per_s": tokens / seconds, "valid": f"{ok}/{requests}",
+                     "ms_per_step": 1000 * step_s / steps, "python_ms_per_step": 1000 * (step_s - decode_s) / steps,
+                     "admission_ms": 1000 * prepare_s / max(prepares, 1),
+                     "work": [(backend.prompt_tokens(full_size_request(f).messages), g.completion_tokens)
+                              for f, g in zip(fields, done)]})
     return with_ratios(rows)
 
 
@@ -225,6 +244,57 @@ def bench_burst(backend: LlamaCppBackend, task: str, size: int) -> list[dict]:
     return rows
 
 
+def same_work_loop(load: dict, work: list[tuple[list[int], int]], at_once: int, kv_unified: bool) -> dict:
+    """Raw llama.cpp doing the miner's work: each request's prompt, then as many free tokens as the miner
+    wrote for it, `at_once` sequences a step, one llama_decode a step (a joining prompt in the same batch,
+    split only where it overflows n_batch), the lowest free sequence id for each newcomer."""
+    model = ll.Model(Path(load["model_path"]), load["n_gpu_layers"])
+    longest = max(len(p) + n for p, n in work)
+    ctx = ll.Context(model, n_ctx=at_once * (longest + 64), n_batch=512, n_seq_max=at_once,
+                     flash_attn=load["flash_attn"], kv_cache_type=load["kv_cache_type"], n_threads=load["n_threads"],
+                     kv_unified=kv_unified)
+    batch = ll.Batch(512)
+    queue = list(enumerate(work))
+    running: dict[int, dict] = {}  # seq -> {left, pos, chain, pending}
+    tokens = steps = 0
+    started = time.perf_counter()
+    while queue or running:
+        for seq in range(at_once):
+            if seq not in running and queue:
+                i, (prompt, n) = queue.pop(0)
+                ctx.forget(seq)
+                running[seq] = {"left": n, "pos": 0, "pending": list(prompt),
+                                "chain": ll.SamplerChain(model.n_vocab, temperature=0.8, top_p=0.95,
+                                                         repeat_penalty=1.1, seed=i)}
+        batch.clear()
+        rows = {}
+        for seq, r in sorted(running.items()):
+            part = r["pending"][:batch.capacity - batch.n]
+            if not part:
+                continue
+            row = batch.add(part, seq, r["pos"], logits_last=len(part) == len(r["pending"]))
+            r["pos"] += len(part)
+            r["pending"] = r["pending"][len(part):]
+            if not r["pending"]:
+                rows[seq] = row
+        ctx.decode(batch)
+        steps += 1
+        for seq, row in rows.items():
+            r = running[seq]
+            r["pending"] = [r["chain"].sample(ctx, row)]
+            r["left"] -= 1
+            tokens += 1
+            if r["left"] <= 0:
+                r["chain"].close()
+                del running[seq]
+    seconds = time.perf_counter() - started
+    batch.close()
+    ctx.close()
+    model.close()
+    return {"path": f"bare loop, the same {len(work)} requests", "at_once": at_once, "tokens": tokens,
+            "seconds": seconds, "tok_per_s": tokens / seconds, "valid": "-", "ms_per_step": 1000 * seconds / steps}
+
+
 def bare_loop(model_path: str, n_gpu_layers: int, n_threads: int, steps: int) -> list[dict]:
     """The ceiling: a bare low-level loop, one llama_decode a step for all sequences, free sampling."""
     model = ll.Model(Path(model_path), n_gpu_layers)
@@ -255,6 +325,56 @@ def bare_loop(model_path: str, n_gpu_layers: int, n_threads: int, steps: int) ->
     return with_ratios(rows)
 
 
+STEP_REPEATS = 12
+# Each shape: (sequence id, tokens it adds) for one llama_decode, as the engine's steps have them.
+STEP_SHAPES = {
+    "1 sequence": [(0, 1)],
+    "2, ids 0+1": [(0, 1), (1, 1)],
+    "2, ids 0+2 (a gap)": [(0, 1), (2, 1)],
+    "4, ids 0-3": [(0, 1), (1, 1), (2, 1), (3, 1)],
+    "3, ids 0+1+3 (a gap)": [(0, 1), (1, 1), (3, 1)],
+    "2, 1 and 4 tokens (forced text)": [(0, 1), (1, 4)],
+    "3 + a 32-token prompt chunk": [(0, 1), (1, 1), (2, 1), (3, 32)],
+}
+
+
+def step_shapes(model_path: str, n_gpu_layers: int, n_threads: int, flash_attn: bool, cells: int,
+                steps: int) -> list[dict]:
+    """ms per llama_decode for each shape, with a KV stream per sequence and with one unified cache: 4
+    sequences hold `cells` prompt cells each; every shape runs `steps` times after one untimed decode,
+    and its cells are dropped again, so each shape sees the same contexts."""
+    model = ll.Model(Path(model_path), n_gpu_layers)
+    prompt = (model.tokenize("Once upon a time, in a quiet harbour town, " * (cells // 8 + 1), add_special=False,
+                             parse_special=False))[:cells]
+    rows = []
+    for unified in (False, True):
+        ctx = ll.Context(model, n_ctx=4 * (cells + 512), n_batch=512, n_seq_max=4, flash_attn=flash_attn,
+                         kv_cache_type="f16", n_threads=n_threads, kv_unified=unified)
+        batch = ll.Batch(512)
+        for seq in range(4):
+            batch.clear()
+            batch.add(prompt, seq, 0, logits_last=True)
+            ctx.decode(batch)
+        row = {"kv": "unified" if unified else "a stream per sequence", "flash_attn": flash_attn}
+        for name, shape in STEP_SHAPES.items():
+            times = []
+            for k in range(steps + 1):
+                batch.clear()
+                for seq, n in shape:
+                    batch.add(prompt[k:k + n], seq, cells + k * n, logits_last=True)
+                started = time.perf_counter()
+                ctx.decode(batch)
+                times.append(time.perf_counter() - started)
+            for seq, _ in shape:
+                ctx.forget(seq, cells)
+            row[name] = statistics.median(times[1:]) * 1000
+        rows.append(row)
+        batch.close()
+        ctx.close()
+    model.close()
+    return rows
+
+
 def with_ratios(rows: list[dict]) -> list[dict]:
     for r in rows:
         r["vs_one_at_a_time"] = r["tok_per_s"] / rows[0]["tok_per_s"]
@@ -279,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-task", default="chapters", choices=list(TASKS),
                         help="the validators' 3.2.1 request the burst sends (default: chapters, the longest prompt)")
     parser.add_argument("--bare-steps", type=int, default=200, help="steps of the bare loop's rows; 0 skips them")
+    parser.add_argument("--step-cells", type=int, default=400,
+                        help="KV cells each sequence holds in the step rows (about a validator's prompt); 0 skips them")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--raw-jobs", type=Path, help=argparse.SUPPRESS)  # the raw runs' own process
     args = parser.parse_args(argv)
@@ -307,11 +429,16 @@ def main(argv: list[str] | None = None) -> int:
     batch_rows = bench_batching(backend, args.batch_task, args.batch_requests) if args.batch_requests else []
     burst_rows = bench_burst(backend, args.burst_task, args.burst) if args.burst else []
     backend.close()
-    raw = raw_llama_cpp(backend, header["n_threads"], runs, args.bare_steps if batch_rows else 0)
+    same_work = batch_rows[-1].pop("work") if batch_rows else []  # the most at once: what the ratio is about
+    for r in batch_rows:
+        r.pop("work", None)
+    raw = raw_llama_cpp(backend, header["n_threads"], runs, args.bare_steps if batch_rows else 0, same_work,
+                        args.step_cells)
     rows = task_rows(mine, runs, [tuple(r) for r in raw["runs"]])
     batch_rows += raw["bare"]
     if args.json:
-        json.dump({"setup": header, "tasks": rows, "batching": batch_rows, "burst": burst_rows}, sys.stdout, indent=2)
+        json.dump({"setup": header, "tasks": rows, "batching": batch_rows, "burst": burst_rows,
+                   "steps": raw["steps"]}, sys.stdout, indent=2)
         print()
         return 0
     print("  ".join(f"{k}={v}" for k, v in header.items()))
@@ -325,10 +452,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nbatching: total tokens a second with 1, 2 and 4 decoding at once ({args.batch_task}: the "
               f"validators' Chinese request, full size)")
         print(f"{'path':<40}{'at once':>8}{'tokens':>8}{'seconds':>9}{'total tok/s':>13}{'vs 1 at a time':>16}"
-              f"{'valid':>7}")
+              f"{'valid':>7}{'ms/step':>9}{'python ms/step':>16}")
         for r in batch_rows:
+            step = f"{r['ms_per_step']:>9.1f}" if "ms_per_step" in r else f"{'-':>9}"
+            python = f"{r['python_ms_per_step']:>16.1f}" if "python_ms_per_step" in r else f"{'-':>16}"
             print(f"{r['path']:<40}{r['at_once']:>8}{r['tokens']:>8}{r['seconds']:>9.2f}{r['tok_per_s']:>13.1f}"
-                  f"{r['vs_one_at_a_time']:>15.2f}x{r['valid']:>7}")
+                  f"{r['vs_one_at_a_time']:>15.2f}x{r['valid']:>7}{step}{python}")
+        for r in batch_rows:
+            if "admission_ms" in r:
+                print(f"miner at {r['at_once']} at once: admitting a request (sizing, prompt, constraint) took "
+                      f"{r['admission_ms']:.1f} ms on the engine thread")
+        same = {r["at_once"]: r["tok_per_s"] for r in batch_rows if r["path"].startswith("bare loop, the same")}
+        for r in batch_rows:
+            if r["path"].startswith("miner") and r["at_once"] in same:
+                print(f"miner at {r['at_once']} at once: {r['tok_per_s'] / same[r['at_once']]:.2f}x the bare loop "
+                      f"doing the same work")
+    if raw["steps"]:
+        names = list(STEP_SHAPES)
+        print(f"\nsteps: ms per llama_decode, {args.step_cells} KV cells a sequence (median of {STEP_REPEATS})")
+        print(f"{'shape':<34}" + "".join(f"{r['kv'] + (', flash attn' if r['flash_attn'] else ''):>26}"
+                                          for r in raw["steps"]))
+        for name in names:
+            print(f"{name:<34}" + "".join(f"{r[name]:>26.1f}" for r in raw["steps"]))
     if burst_rows:
         print(f"\nburst: {args.burst} identical {args.burst_task} requests at once (the validators of one block)")
         print(f"{'prefix sharing':<16}{'refused':>8}{'failed':>7}{'prompt':>7}{'reused':>8}{'1st token mean':>16}"

@@ -5,6 +5,8 @@
 #    while it writes an F16 file of Llama-3.1-8B's shapes (random weights, the real tokenizer).
 # 2. Quantizes that file to Q4_K_M; plans it with `miner fit --vram-gb 6`; loads it with that plan,
 #    measuring VRAM against the plan; writes one answer per task; runs scripts/bench.py under vram_gb 6.
+#    Its step rows time each batch shape with a KV stream per sequence and with one unified cache: that
+#    settles kv_unified on a GPU.
 # Every step appends its results to $OUT/gpu_check.json and $OUT/gpu_check.md as it finishes, so a
 # timeout keeps what finished. Exits 2, saying why, where there is no GPU or no .gpu folder.
 set -uo pipefail

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import urllib.error
 import urllib.request
 
 import bittensor as bt
 import pytest
 
+from backends.base import BackendError, Generation, Request
 from backends.chain import BackendState, Chain
 from miner import examples
 from miner.config import Config, GenerationSettings
 from miner.demo import make_wallet, start_offline_miner
-from miner.neuron import no_public_ip_lookup
+from miner.neuron import Miner, no_public_ip_lookup
 from miner.protocol import StoryGenerationSynapse
-from miner.service import StoryService, prepare
+from miner.service import VALIDATOR_TIMEOUT_S, StoryService, prepare
 from miner.tasks import TASKS, Context
+from tests.test_chain import FakeBackend, chain_of
 from tests.validator_synapses import VALIDATOR_SYNAPSES, read_as_321
 
 pytestmark = pytest.mark.slow  # a real Axon and the embedded model
@@ -128,6 +131,59 @@ def test_a_malformed_synapse_gets_a_clear_error_and_serving_goes_on(served):
     assert refused.value.code >= 400
     after = ask(validator, miner, StoryGenerationSynapse(task_type="characters", user_input="x"))
     assert after.is_success and "needs blueprint" in after.output_data["error"]
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf"])
+def test_a_synapse_whose_timeout_is_nan_or_infinite_gets_a_clear_error(served, timeout):
+    """bittensor lets such a timeout through: the header is read with float(), and the nonce check passes.
+    A validator's Dendrite signs the request; the timeout is set by hand, as a broken client would send it."""
+    miner, validator, _ = served
+    synapse = validator.preprocess_synapse_for_request(
+        miner.axon.info(), StoryGenerationSynapse(**examples.example_fields("blueprint")), timeout=60)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{miner.axon.port}/StoryGenerationSynapse", method="POST",
+        data=json.dumps({**synapse.model_dump(), "timeout": float(timeout)}).encode(),
+        headers={**synapse.to_headers(), "timeout": timeout, "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+        reply = json.loads(response.read())
+    assert reply["output_data"]["error"].startswith("timeout must be a finite number of seconds above 0")
+    assert reply["output_data"]["error"].endswith(f"got {timeout}")
+    assert reply["timeout"] == VALIDATOR_TIMEOUT_S  # echoed as JSON can write it: NaN and infinity it cannot
+
+
+class WaitsForCancel(FakeBackend):
+    """Works on its answer until the request is cancelled, then stops as the engine does."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.started = threading.Event()
+
+    def generate(self, request: Request) -> Generation:
+        self.history.append(request)
+        self.started.set()
+        if request.cancelled.wait(30):
+            raise BackendError("the request was cancelled: its caller has gone away")
+        raise BackendError("never cancelled")
+
+
+def test_a_cancelled_forward_tells_the_backend_its_caller_has_gone(tmp_path):
+    backend = WaitsForCancel("local")
+    miner = Miner(Config(), StoryService(chain_of(backend), GenerationSettings()),
+                  make_wallet(str(tmp_path), "miner"), offline=True)
+
+    async def cancel_while_answering():
+        forward = asyncio.ensure_future(miner.forward(StoryGenerationSynapse(**examples.example_fields("blueprint"))))
+        assert await asyncio.get_running_loop().run_in_executor(None, backend.started.wait, 30)
+        forward.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await forward
+
+    try:
+        asyncio.run(cancel_while_answering())
+        assert backend.history[0].cancelled.wait(5)
+    finally:
+        miner.close()
 
 
 def test_concurrent_requests_queue_and_all_answer(served):

@@ -3,6 +3,7 @@ answers decoded together stay valid, every answer is back by its hard limit, the
 aborts, a request the queue cannot serve in time is refused at once, and prompts reuse cached prefixes."""
 import dataclasses
 import json
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,12 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from backends import llama_lowlevel as ll
-from backends.base import BackendBusy, BackendError, DeadlineExceeded, Request
-from backends.batching import Job
+from backends.base import BackendBusy, BackendError, Request
+from backends.batching import MAX_BROKEN_STEPS, Job
 from backends.chain import BackendState, Chain
 from backends.constraint import Matcher
 from backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
-from backends.sizing import shrink
+from backends.sizing import PLAN_MARGIN, Speed, shrink
 from miner import examples
 from miner.config import GenerationSettings
 from miner.service import StoryService
@@ -56,7 +57,7 @@ def test_an_answer_prone_to_long_strings_is_back_by_its_hard_limit(embedded_back
     started = time.monotonic()
     request = Request(messages=[{"role": "user", "content": "Write the longest story you can."}],
                       max_tokens=100_000, deadline=started + 3.0, schema=unbounded)
-    with pytest.raises(DeadlineExceeded, match="hard limit"):
+    with pytest.raises(BackendBusy, match="hard limit"):  # overload, not a fault: no cool-down
         embedded_backend.generate(request)
     assert time.monotonic() - started < 3.5
 
@@ -205,17 +206,104 @@ def test_one_answer_that_fails_mid_way_costs_only_itself(single):
     assert json.loads(single.generate(ask("Say hi.", schema, 30)).text)["reply"]
 
 
-def test_a_broken_context_answers_every_caller_and_health_says_so():
+def test_a_failed_decode_costs_only_its_own_sequence_and_the_engine_serves_on(embedded_backend):
+    invalid = [embedded_backend.model.n_vocab + 7]  # llama_decode refuses a token id outside the vocabulary
+    engine = embedded_backend.engine
+    with ThreadPoolExecutor(1) as pool:
+        good = pool.submit(embedded_backend.generate, ask("Say hi.", obj(reply=text(40, 200)), 30))
+        while engine.active() == 0:
+            time.sleep(0.01)
+        bad = engine.submit(time.monotonic() + 30, lambda load: job_for(embedded_backend, invalid, None), (0.1, 0.1),
+                            0.0)
+        with pytest.raises(BackendError, match="could not decode this answer"):
+            bad.future.result(timeout=30)
+        assert json.loads(good.result(timeout=30).text)["reply"]  # decoded beside it, retried in halves
+    assert engine.alive() and engine.stats["failed_decodes"] >= 1
+    assert json.loads(embedded_backend.generate(ask("Say hi.", obj(reply=text(1, 20)), 30)).text)["reply"]
+
+
+def test_a_context_that_keeps_failing_is_rebuilt_and_health_says_so(monkeypatch):
     backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="doomed", parallel=1))
     try:
-        invalid = [backend.model.n_vocab + 7]  # llama_decode refuses a token id outside the vocabulary
-        ticket = backend.engine.submit(time.monotonic() + 30, lambda load: job_for(backend, invalid, None),
-                                       (0.1, 0.1), 0.0)
-        with pytest.raises(BackendError, match="engine stopped: LlamaError"):
-            ticket.future.result(timeout=30)
-        with pytest.raises(BackendError, match="shutting down"):
-            backend.generate(ask("Say hi.", obj(reply=text(1, 20)), 30))
-        health = backend.health()
-        assert not health.ok and "engine has stopped" in health.detail
+        def broken(batch):
+            raise ll.LlamaError("llama_decode failed with code -3 (injected)")
+        monkeypatch.setattr(backend.ctx, "decode", broken)
+        for _ in range(MAX_BROKEN_STEPS):
+            with pytest.raises(BackendError, match="injected"):
+                backend.generate(ask("Say hi.", obj(reply=text(1, 20)), 30))
+        assert not backend.engine.alive()
+        with pytest.raises(BackendError, match="engine has stopped: LlamaError.*injected"):
+            backend.engine.submit(time.monotonic() + 30, lambda load: None, (0.1, 0.1), 0.0)
+        health = backend.health()  # the health check rebuilds the context; the model stays loaded
+        assert health.ok and "rebuilt the llama.cpp context" in health.detail and "injected" in health.detail
+        assert json.loads(backend.generate(ask("Say hi.", obj(reply=text(1, 20)), 30)).text)["reply"]
     finally:
         backend.close()
+
+
+def hold_first_then_ask(backend: LlamaCppBackend, slack: float) -> tuple[float, float]:
+    """A free-text answer whose hard limit is `slack` times the time planned for it alone, then a newcomer
+    with a long prompt: (when the first ended, when the newcomer started), from the newcomer's arrival."""
+    engine = backend.engine
+    engine.forget_cached()
+    prompt = backend.prompt_tokens([{"role": "user", "content": "Tell a long story about the sea."}])
+    long_prompt = backend.prompt_tokens([{"role": "user", "content": "The tide came in. " * 300}])
+    tokens = 150
+    alone = tokens * engine.speed.step_s(1) * PLAN_MARGIN + len(prompt) / engine.speed.prefill_tps
+    first = engine.submit(time.monotonic() + alone * slack, lambda load: job_for(backend, prompt, None, tokens),
+                          (0.1, 0.1), 0.0)
+    while engine.active() == 0:
+        time.sleep(0.01)
+    second = engine.submit(time.monotonic() + 60, lambda load: job_for(backend, long_prompt, None, 5), (0.1, 0.1),
+                           0.0, prompt_tokens=len(long_prompt))
+    first.future.result(timeout=60)  # raises if the first missed its limit
+    ended = time.monotonic() - second.arrived
+    return ended, second.future.result(timeout=60).queued_s
+
+
+def test_a_newcomer_that_would_push_a_running_answer_past_its_limit_waits(embedded_backend):
+    # The newcomer's prompt alone takes longer than the first answer's slack: it waits for the first.
+    ended, started = hold_first_then_ask(embedded_backend, slack=1.2)
+    assert started >= ended - 0.05
+    ended, started = hold_first_then_ask(embedded_backend, slack=20.0)  # room for both: admitted at once
+    assert started < ended / 10
+
+
+def test_an_idle_engine_serves_a_request_that_fits_alone_whatever_the_recent_load(embedded_backend, service,
+                                                                                    monkeypatch):
+    # This machine's speed as a fresh miner measures it (tests that switch backends slow the shared one's steps).
+    backend, engine = embedded_backend, embedded_backend.engine
+    monkeypatch.setattr(engine, "speed", Speed(300.0, {1: 0.012, 2: 0.017}))
+    monkeypatch.setattr(engine, "_load_avg", float(backend.parallel))  # a busy minute just ended
+    request, ctx = validators_request(service, "chapters")
+    tpc = backend.tokens_per_char(request.language_sample)
+    floor = backend._cost(shrink(request.schema, 0.0), tpc)
+    prompt = len(backend.prompt_tokens(request.messages))
+    alone, beside = (backend._seconds(floor, prompt, n, 0.0) for n in (1, backend.parallel))
+    hard = (alone + beside) / 2  # the smallest answer fits alone, not at the recent load
+    request = dataclasses.replace(request, deadline=time.monotonic() + hard, target=time.monotonic() + hard)
+    answer = json.loads(backend.generate(request).text)
+    assert TASKS["chapters"].check(answer, ctx) == answer
+
+
+def test_a_cancelled_request_leaves_its_slot_at_the_next_step(single):
+    endless = {"type": "object", "properties": {"story": {"type": "string", "minLength": 20000}},
+               "required": ["story"], "additionalProperties": False}  # nothing ends it early
+    request = ask("Tell a long story about the sea.", endless, 60)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(single.generate, request)
+        while single.engine.active() == 0 and not running.done():
+            time.sleep(0.01)
+        time.sleep(0.3)
+        request.cancelled.set()
+        with pytest.raises(BackendError, match="cancelled after .* tokens: the caller has gone away"):
+            running.result(timeout=30)  # long before the answer's 20,000 characters or its 60 s
+    assert single.engine.active() == 0  # the slot is free by the time the caller hears
+    assert json.loads(single.generate(ask("Say hi.", obj(reply=text(1, 20)), 30)).text)["reply"]
+
+
+@pytest.mark.parametrize("deadline", [math.nan, math.inf])
+def test_a_deadline_that_is_not_a_finite_time_is_refused_clearly(single, deadline):
+    request = dataclasses.replace(ask("Say hi.", obj(reply=text(1, 20)), 30), deadline=deadline)
+    with pytest.raises(BackendError, match="deadline is (nan|inf): it must be a finite time"):
+        single.generate(request)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import backends
-from backends.base import Backend, BackendError, Generation, Health, ModelInfo, Request
+from backends.base import AnswerRejected, Backend, BackendBusy, BackendError, Generation, Health, ModelInfo, Request
 from backends.chain import AllBackendsFailed, BackendState, Chain
 from backends.custom_command import CustomSettings
 from backends.openai_api import OpenAIBackend, OpenAISettings
@@ -103,6 +103,53 @@ def test_an_answer_the_caller_rejects_moves_on_and_a_crash_does_not_stop_the_cha
     third = FakeBackend("third").enqueue('{"ok": true}')
     result, generation = chain_of(first, second, third).generate(request(), accept)
     assert result == {"ok": True} and generation.backend == "third"
+
+
+def test_a_busy_backend_is_passed_over_without_a_cool_down_and_counted_apart_from_failures():
+    busy = BackendBusy("busy: with 4 answers decoding, even the smallest answer needs more than the 55 s left")
+    primary = FakeBackend("primary").enqueue(busy, busy, "from the primary")
+    fallback = FakeBackend("fallback").enqueue("f1", "f2")
+    chain = chain_of(primary, fallback)  # two failures in a row would mean a cool-down
+    assert [chain.generate(request(), text)[0] for _ in range(2)] == ["f1", "f2"]
+    state = chain.states[0]
+    assert (state.busy, state.consecutive_failures, state.last_error) == (2, 0, None)
+    assert not state.cooling(time.monotonic()) and chain.serving() is state
+    assert chain.generate(request(), text)[0] == "from the primary"  # asked first again
+    assert [(s.served, s.busy) for s in chain.snapshot()] == [(1, 2), (2, 0)]
+
+
+def test_a_retry_refused_as_busy_is_counted_busy_and_the_rejection_moves_on():
+    def accept(g: Generation) -> str:
+        if g.text == "too thin":
+            raise AnswerRejected("setting is missing")
+        return g.text
+    primary = FakeBackend("primary").enqueue("too thin", BackendBusy("busy: no time for another try"))
+    fallback = FakeBackend("fallback").enqueue("from the fallback")
+    chain = chain_of(primary, fallback)
+    assert chain.generate(request(), accept)[0] == "from the fallback"
+    assert len(primary.history) == 2  # the answer, then the retry the backend refused
+    state = chain.states[0]
+    assert (state.busy, state.consecutive_failures, state.last_error) == (1, 1, "setting is missing")
+
+
+class CallerLeaves(FakeBackend):
+    """The caller goes away while this backend works on its answer (the Axon sets the event)."""
+
+    def generate(self, request: Request) -> Generation:
+        request.cancelled.set()
+        return super().generate(request)
+
+
+def test_once_the_caller_has_gone_away_no_further_backend_is_tried():
+    first = CallerLeaves("first").enqueue(BackendError("the request was cancelled: its caller has gone away"))
+    second = FakeBackend("second").enqueue("an answer nobody waits for")
+    chain = chain_of(first, second)
+    with pytest.raises(AllBackendsFailed) as e:
+        chain.generate(request(), text)
+    assert e.value.reasons == [("first", "the request was cancelled: its caller has gone away"),
+                               ("second", "skipped: the caller has gone away")]
+    assert second.history == []
+    assert chain.states[0].consecutive_failures == 0  # a caller leaving says nothing about the backend
 
 
 def test_when_every_backend_fails_the_error_says_why_for_each():

@@ -201,14 +201,20 @@ def test_the_health_server_serves_only_health_and_names_a_busy_port():
 
 
 def test_a_report_survives_json_and_refuses_what_is_not_one():
-    backends = [BackendStatus("local", "llama_cpp", "local", False, "model file gone", 12.0, 3),
-                BackendStatus("spare", "custom", "custom", True, "answered", 0.0, 1)]
+    backends = [BackendStatus("local", "llama_cpp", "local", False, "model file gone", 12.0, 3, 2),
+                BackendStatus("spare", "custom", "custom", True, "answered", 0.0, 1, 0)]
     report = HealthReport.of(backends, AxonState("127.0.0.1:8091", True, "accepting connections"), "c.yaml", "test")
     assert (report.status, report.exit_code, report.serving) == ("degraded", 1, "spare")
     data = json.loads(json.dumps(report.to_json()))
     assert data["exit_code"] == 1 and data["backends"][0]["detail"] == "model file gone"
+    assert (data["backends"][0]["served"], data["backends"][0]["busy"]) == (3, 2)
     assert HealthReport.from_json(data) == report
-    assert report.render().splitlines()[0] == "DEGRADED (exit 1): serving on fallback spare (local is down)"
+    lines = report.render().splitlines()
+    assert lines[0] == "DEGRADED (exit 1): serving on fallback spare (local is down)"
+    assert lines[3].split()[4:6] == ["SERVED", "BUSY"] and lines[4].split()[:6] == ["local", "llama_cpp", "local",
+                                                                                    "down", "3", "2"]
+    older = {**data, "backends": [{k: v for k, v in b.items() if k != "busy"} for b in data["backends"]]}
+    assert HealthReport.from_json(older).backends[0].busy == 0  # a miner from before busy was counted
     for broken in ({}, {"status": "fine"}, {**data, "backends": [{"name": "x"}]}, [1, 2]):
         with pytest.raises(ValueError):
             HealthReport.from_json(broken)

@@ -1,16 +1,22 @@
 """StoryService.prepare on every kind of bad input, with no Axon and no model: it has no side effects, so
-these run in milliseconds. A few of the same go through a real Axon in test_axon.py."""
+these run in milliseconds. A few of the same go through a real Axon in test_axon.py. The caller's timeout
+and cancellation, with an in-memory backend that records what it was asked."""
 from __future__ import annotations
 
+import json
+import math
 import re
+import threading
+import time
 
 import pytest
 
 from backends.chain import BackendState, Chain
 from miner import examples
 from miner.config import GenerationSettings
-from miner.service import StoryService
+from miner.service import MAX_TIMEOUT_S, StoryService
 from miner.tasks import TaskInputError
+from tests.test_chain import FakeBackend, chain_of
 
 NEVER_ASKED = "the chain must not be asked for bad input"
 
@@ -104,3 +110,35 @@ def test_names_given_in_the_cast_are_kept(service):
 def test_a_malformed_cast_is_refused_naming_both_shapes(service, cast, message):
     with pytest.raises(TaskInputError, match=re.escape(message)):
         service.prepare({**examples.validator_fields("story_arc", "x"), "characters": cast})
+
+
+def recording_service() -> tuple[StoryService, FakeBackend]:
+    backend = FakeBackend("recorder").enqueue(json.dumps(examples.BLUEPRINT))
+    return StoryService(chain_of(backend), GenerationSettings()), backend
+
+
+@pytest.mark.parametrize("timeout", [math.nan, math.inf, -math.inf, 0, 0.0, -5.0, "60"])
+def test_a_timeout_that_is_not_a_finite_number_above_0_gets_a_clear_error(timeout):
+    service, backend = recording_service()
+    answer = service.answer(examples.example_fields("blueprint"), timeout_s=timeout)
+    assert list(answer.output) == ["error"] and answer.model_info is None
+    assert answer.output["error"].startswith("timeout must be a finite number of seconds above 0 (validators send 60; "
+                                             f"more than {MAX_TIMEOUT_S:.0f} is read as {MAX_TIMEOUT_S:.0f}), got ")
+    assert backend.history == []  # refused before any backend was asked
+
+
+@pytest.mark.parametrize("timeout", [1e300, 10**400])
+def test_a_huge_timeout_is_clamped_and_answered(timeout):
+    service, backend = recording_service()
+    arrived = time.monotonic()
+    answer = service.answer(examples.example_fields("blueprint"), timeout_s=timeout, arrived=arrived)
+    assert answer.ok and answer.output["title"] == examples.BLUEPRINT["title"]
+    margin = service.settings.response_margin_s
+    assert backend.history[0].deadline == pytest.approx(arrived + MAX_TIMEOUT_S - margin)
+
+
+def test_the_callers_cancel_event_reaches_the_backend():
+    service, backend = recording_service()
+    cancelled = threading.Event()
+    assert service.answer(examples.example_fields("blueprint"), cancelled=cancelled).ok
+    assert backend.history[0].cancelled is cancelled

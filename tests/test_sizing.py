@@ -1,11 +1,12 @@
 """Answers sized to the clock: shrinking toward the floors, the worst case, and the fit itself, checked with
 the embedded model's real tokenizer on the validators' Chinese requests."""
 import json
+import random
 
 import pytest
 
 from backends import llama_lowlevel as ll
-from backends.sizing import Cost, Speed, fit_schema, shrink, strings_in, worst_case
+from backends.sizing import CharCost, Cost, Speed, fit_schema, shrink, strings_in, worst_case
 from miner import examples
 from miner.config import GenerationSettings
 from miner.service import prepare
@@ -117,3 +118,28 @@ def fill(schema):
         prefix = schema.get("prefixItems") or []
         return [fill(prefix[i] if i < len(prefix) else schema["items"]) for i in range(schema["maxItems"])]
     return (CHINESE * 40)[: schema["maxLength"]]
+
+
+def test_plans_cover_about_19_answers_in_20_where_the_mean_covers_half():
+    rng = random.Random(3)
+    cost = CharCost(len)  # a sample costs 1 token a character; answers cost 1.1 on average
+    answer = "x" * 1000
+    over_high = over_mean = 0
+    for i in range(1000):
+        seen = rng.gauss(1.1, 0.08)
+        if i >= 50:  # once a few answers have been seen
+            over_high += seen > cost.high(answer)
+            over_mean += seen > cost.mean(answer)
+        cost.learn(answer, round(seen * 1000))
+    assert over_high / 950 < 0.06
+    assert over_mean / 950 > 0.4
+
+
+def test_answers_in_another_script_leave_the_requested_one_alone():
+    cost = CharCost(lambda text: 2 * len(text))  # the Chinese sample: 2 tokens a character
+    chinese = "海港小镇的灯塔在雾里亮了一整夜，看守人写下每一艘船的名字。"
+    planned = cost.high(chinese)
+    for _ in range(20):  # asked for Chinese, the model answered in English: cheap, and no news about Chinese
+        cost.learn("The keeper wrote the names of the ships in a ledger. " * 10, 130)
+    assert cost.high(chinese) == planned
+    assert cost.high("An English request, planned from what English answers cost.") < 0.5
