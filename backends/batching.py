@@ -11,6 +11,7 @@ llama.cpp work happens on the engine's one thread; others submit and wait.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -375,8 +376,7 @@ class Engine:
         entries = self._build()
         if entries:
             masks = self._start_masks(entries)
-            decode_s = self._decode_all(entries, masks)
-            self.stats["decode_s"] += decode_s
+            self.stats["decode_s"] += self._decode(entries, functools.cache(lambda: self._masks_ready(entries, masks)))
         self._enforce_limits()
         self.stats["steps"] += 1
         self.stats["step_s"] += time.perf_counter() - started
@@ -439,7 +439,13 @@ class Engine:
                 rows[e.slot.seq] = row
         return rows
 
-    def _decode_all(self, entries: list[Entry], masks: Future | None) -> float:
+    def _decode(self, entries: list[Entry], mask_rows: Callable[[], dict[int, int]], whole: bool = True) -> float:
+        """Decode, then account and sample; a failure goes to _recover. mask_rows: seq -> its row of the
+        masks, asked for only once llama.cpp is done (they fill meanwhile). whole: the step's full batch,
+        whose time the planner learns from."""
+        entries = [e for e in entries if e.slot.job is not None]  # a retry's part may have lost some
+        if not entries:
+            return 0.0
         rows = self._batch_of(entries)
         started = time.perf_counter()
         try:
@@ -447,19 +453,21 @@ class Engine:
         except LlamaError as e:
             seconds = time.perf_counter() - started
             self._restore(entries)
-            self._recover(entries, self._masks_ready(entries, masks), e)
+            self._recover(entries, mask_rows, e)
             return seconds
         seconds = time.perf_counter() - started
         self._broken_steps = 0
         self._account(entries)
-        self._observe(entries, seconds)
-        self._sample(entries, rows, self._masks_ready(entries, masks))
+        if whole:
+            self._observe(entries, seconds)
+        self._sample(entries, rows, mask_rows())
         return seconds
 
-    def _recover(self, entries: list[Entry], mask_rows: dict[int, int], error: LlamaError) -> None:
+    def _recover(self, entries: list[Entry], mask_rows: Callable[[], dict[int, int]], error: LlamaError) -> None:
         """As llama.cpp's server does: a batch that failed is decoded again in halves, down to one sequence;
         a sequence that fails alone fails its own request only. With no room in a unified cache, the
         cached prompts of free slots are dropped first."""
+        mask_rows()  # the masks were filling: wait for them before the batch is refilled
         self.stats["failed_decodes"] += 1
         log.warning("llama_decode failed for %d sequences (%s); retrying in smaller batches", len(entries), error)
         if isinstance(error, NoKvRoom) and self.ctx.kv_unified:
@@ -468,35 +476,19 @@ class Engine:
                 slot.cached = []
                 self.ctx.forget(slot.seq)
             if idle:
-                self._retry(entries, mask_rows)
+                self._decode(entries, mask_rows, whole=False)
                 return
         if len(entries) == 1:
-            entry = entries[0]
             self._broken_steps += 1
             if self._broken_steps >= MAX_BROKEN_STEPS:
                 raise error
             kind = BackendBusy if isinstance(error, NoKvRoom) else BackendError
-            self._release(entry.slot).set_exception(kind(f"{'busy: ' if kind is BackendBusy else ''}"
-                                                         f"llama.cpp could not decode this answer: {error}"))
+            self._release(entries[0].slot).set_exception(kind(f"{'busy: ' if kind is BackendBusy else ''}"
+                                                              f"llama.cpp could not decode this answer: {error}"))
             return
         half = len(entries) // 2
         for part in (entries[:half], entries[half:]):
-            self._retry(part, mask_rows)
-
-    def _retry(self, entries: list[Entry], mask_rows: dict[int, int]) -> None:
-        entries = [e for e in entries if e.slot.job is not None]
-        if not entries:
-            return
-        rows = self._batch_of(entries)
-        try:
-            self.ctx.decode(self.batch)
-        except LlamaError as e:
-            self._restore(entries)
-            self._recover(entries, mask_rows, e)
-            return
-        self._broken_steps = 0
-        self._account(entries)
-        self._sample(entries, rows, mask_rows)
+            self._decode(part, mask_rows, whole=False)
 
     def _restore(self, entries: list[Entry]) -> None:
         """Drop whatever a failed decode left in the cache past what each sequence is known to hold."""
