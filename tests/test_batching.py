@@ -332,8 +332,8 @@ def test_a_unified_cache_serves_requests_together_and_shares_a_burst_prompt(serv
         schema = obj(story=text(100, 200))
         with ThreadPoolExecutor(2) as pool:
             both = list(pool.map(lambda _: backend.generate(Request(
-                messages=request.messages, max_tokens=300, deadline=time.monotonic() + 55, schema=schema)),
-                range(2)))
+                messages=request.messages, max_tokens=1000, deadline=time.monotonic() + 55, schema=schema,
+                language_sample=request.language_sample)), range(2)))
         assert sorted(g.cached_tokens for g in both) == [0, both[0].prompt_tokens - 1]
         for g in both:
             assert 100 <= len(json.loads(g.text)["story"]) <= 200
