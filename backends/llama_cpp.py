@@ -1,7 +1,7 @@
 """A local Q4 GGUF model in llama.cpp, the miner's first choice.
 
 The model loads once, with offload (layers, context, KV cache type, flash attention) planned by
-models.fit unless the YAML pins it. Up to `parallel` requests decode together (backends/batching.py),
+models.fit unless the YAML pins it. Up to `parallel` requests decode together (backends/engine/),
 each held to its JSON schema by llguidance (backends/constraint.py) and sized to its time: a warm-up
 measures this machine's speed, and each answer's string bounds are shrunk only as far as the clock at the
 current load requires (backends/sizing.py). The request's deadline is the hard limit; its target sizes.
@@ -25,7 +25,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from backends import llama_lowlevel as ll
 from backends.base import (Backend, BackendBusy, BackendError, BackendSettings, DeadlineExceeded, Generation, Health,
                            ModelInfo, Request)
-from backends.batching import Engine, Job, Load
+from backends.engine import Engine, Job, Load
 from backends.constraint import Vocabulary
 from backends.llama_build import system_info
 from backends.sizing import CharCost, Cost, fit_schema, shrink, strings_in, worst_case
@@ -216,8 +216,6 @@ class LlamaCppBackend(Backend):
             self._revive_lock, self._revived_at, self.revived = threading.Lock(), 0.0, None
             self._start_engine()
         except Exception as e:
-            if self.engine is not None:
-                self.engine.close()
             self.ctx.close()
             self.model.close()
             if isinstance(e, ll.LlamaError):
@@ -228,9 +226,16 @@ class LlamaCppBackend(Backend):
                  time.monotonic() - started, self.parallel, self.engine.speed.snapshot(), self.plan.table())
 
     def _start_engine(self) -> None:
-        self.engine = Engine(self.model, self.ctx, self._vocab, self.parallel)
+        """A new engine, warmed up before anyone can reach it: a request on another thread sees the old one
+        (stopped: it waits in _revive) or this one, ready."""
+        engine = Engine(self.model, self.ctx, self._vocab, self.parallel)
         warm_up = self.prompt_tokens([{"role": "user", "content": WARM_UP_TEXT * 3}])
-        self.engine.start(warm_up[:192])
+        try:
+            engine.start(warm_up[:192])
+        except BaseException:
+            engine.close()
+            raise
+        self.engine = engine
 
     def _revive(self) -> None:
         """A stopped engine (its context broke: decodes kept failing) is rebuilt on a fresh context, at most
@@ -359,14 +364,14 @@ class LlamaCppBackend(Backend):
         if max_tokens < 1:
             raise BackendBusy(f"does not fit: the prompt is {len(prompt)} tokens and each request has "
                               f"{load.kv_room} tokens of KV cache; raise n_ctx or set a lower parallel")
-        matcher = self.engine.vocab.matcher(schema) if schema is not None else None
+        matcher = self._vocab.matcher(schema) if schema is not None else None
         if matcher is not None and prefix:
             matcher.consume(prefix)
         seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**31)
-        sampler = ll.SamplerChain(self.model.n_vocab, temperature=request.temperature, top_p=request.top_p,
+        sampler = ll.SamplerChain(temperature=request.temperature, top_p=request.top_p,
                                   repeat_penalty=request.repeat_penalty, seed=seed)
         return Job(prompt, sampler, matcher, max_tokens, schema=schema, note=note,
-                   worst=cost.tokens if cost is not None else math.inf,
+                   cost=cost if cost is not None and cost.bounded else None,
                    shape=tuple(schema.get("properties", ())) if schema is not None else ())
 
     def _plan(self, request: Request, tpc: float, load: Load, prompt_n: int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections import deque
 from pathlib import Path
 
 import llama_cpp  # before numpy: the other order made CUDA model loading segfault (facts.md)
@@ -126,14 +127,18 @@ class Context:
         self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ptr)
         self.n_batch = llama_cpp.llama_n_batch(self.ptr)
-        self.n_seq_max, self.kv_unified = n_seq_max, kv_unified
+        self.kv_unified = kv_unified
 
     def decode(self, batch: Batch) -> None:
+        """Evaluate the batch and wait until its results are ready. On CUDA llama_decode returns once the
+        work is queued (the H200 run timed 1,952 tok/s where answers ran at ~225): without the wait, every
+        clock read after a decode times kernel launches. llama.cpp's server synchronizes before its clock too."""
         rc = llama_cpp.llama_decode(self.ptr, batch.c)
         if rc == 1:
             raise NoKvRoom(f"no free KV cells for {batch.n} tokens (n_ctx {self.n_ctx})")
         if rc != 0:
             raise LlamaError(f"llama_decode failed with code {rc}")
+        llama_cpp.llama_synchronize(self.ptr)
 
     def logits(self, i: int) -> np.ndarray:
         """The logits of batch row i, as a writable view: valid until the next decode."""
@@ -141,6 +146,10 @@ class Context:
         if not ptr:
             raise LlamaError(f"no logits for batch row {i}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def positions(self, seq: int) -> tuple[int, int]:
+        """The lowest and highest position sequence seq holds cells for; (-1, -1) when it holds none."""
+        return (llama_cpp.llama_memory_seq_pos_min(self.mem, seq), llama_cpp.llama_memory_seq_pos_max(self.mem, seq))
 
     def forget(self, seq: int, start: int = 0) -> None:
         """Drop sequence seq's cells from position start on (all of it by default)."""
@@ -201,17 +210,20 @@ class Batch:
 
 
 class SamplerChain:
-    """llama.cpp's C sampler chain for one sequence: top-k, repeat penalty, top-p, temperature, draw. Top-k
-    first: the penalty then looks at 40 candidates, not the whole vocabulary (128k for Llama-3), each token."""
+    """One sequence's sampling: its repeat penalty, then llama.cpp's C chain (top-k, top-p, temperature, draw).
+
+    The penalty is applied here, to the few tokens in its window, rather than as a stage of the C chain:
+    a token drawn and then refused by the grammar (constraint.py's lazy check) must not enter the history,
+    and the chain's stages accept every token they draw. The rest of the chain holds no history (the draw
+    only advances its random state), so a second draw after the grammar refused the first is a fresh one."""
 
     PENALTY_LAST_N = 64  # sampled tokens the repeat penalty looks back over
 
-    def __init__(self, n_vocab: int, *, temperature: float, top_p: float, repeat_penalty: float, seed: int,
-                 top_k: int = 40):
+    def __init__(self, *, temperature: float, top_p: float, repeat_penalty: float, seed: int, top_k: int = 40):
         self.ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        steps = [llama_cpp.llama_sampler_init_top_k(top_k),
-                 llama_cpp.llama_sampler_init_penalties(n_vocab, self.PENALTY_LAST_N, repeat_penalty, 0.0, 0.0),
-                 llama_cpp.llama_sampler_init_top_p(top_p, 1)]
+        self.repeat_penalty = repeat_penalty
+        self.history: deque[int] = deque(maxlen=self.PENALTY_LAST_N)
+        steps = [llama_cpp.llama_sampler_init_top_k(top_k), llama_cpp.llama_sampler_init_top_p(top_p, 1)]
         if temperature > 0:
             steps += [llama_cpp.llama_sampler_init_temp(temperature), llama_cpp.llama_sampler_init_dist(seed)]
         else:
@@ -219,9 +231,28 @@ class SamplerChain:
         for step in steps:
             llama_cpp.llama_sampler_chain_add(self.ptr, step)  # the chain owns and frees its steps
 
-    def sample(self, ctx: Context, row: int) -> int:
-        """Draw from batch row `row`'s logits (as they are now) and add the token to the penalty's history."""
+    def penalize(self, logits: np.ndarray) -> None:
+        """llama.cpp's repeat penalty, in place: each token of the window made less likely, once."""
+        if self.repeat_penalty == 1.0 or not self.history:
+            return
+        ids = np.fromiter(set(self.history), dtype=np.int64)
+        seen = logits[ids]
+        logits[ids] = np.where(seen > 0, seen / self.repeat_penalty, seen * self.repeat_penalty)
+
+    def draw(self, ctx: Context, row: int) -> int:
+        """A token from batch row `row`'s logits as they are now (penalized, maybe restricted)."""
         return llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, row)
+
+    def accept(self, token: int) -> None:
+        """The token the sequence goes on with: the penalty's window holds it from now on."""
+        self.history.append(token)
+
+    def sample(self, ctx: Context, row: int) -> int:
+        """Penalize, draw and accept: a sequence with no grammar."""
+        self.penalize(ctx.logits(row))
+        token = self.draw(ctx, row)
+        self.accept(token)
+        return token
 
     def close(self) -> None:
         if self.ptr:

@@ -143,14 +143,19 @@ class _StepLine:
 
 
 class Speed:
-    """What the backend measured of itself: prompt tokens a second, and seconds per decode step when n
-    sequences decode together (each step writes one token for each). A step grows with the KV cells
-    its sequences attend to (on 2 cores 12.5 ms at 300 cells, 19.6 ms at 2500), so each n keeps a line
-    over cells. Seeded by a warm-up, then fitted to every step served."""
+    """The engine's one time model: what it measured of itself. A step is everything the engine does for one
+    token of each decoding sequence (llama_decode until its results are ready, then drawing each token);
+    seconds per step when n sequences decode together, prompt tokens a second, and what a schema-forced
+    token costs riding along in a step. A step grows with the KV cells its sequences attend to (on 2 cores
+    12.5 ms at 300 cells, 19.6 ms at 2500), so each n keeps a line over cells. Seeded by a warm-up, then
+    fitted to every step served. Planning an answer, keeping a running answer's promise and guessing when a
+    slot frees all price time here (seconds, planned)."""
 
-    def __init__(self, prefill_tps: float, step_s: dict[int, float], cells: dict[int, float] | None = None):
+    def __init__(self, prefill_tps: float, step_s: dict[int, float], cells: dict[int, float] | None = None,
+                 forced_s: float | None = None):
         self._lock = threading.Lock()
         self.prefill_tps = prefill_tps
+        self.forced_s = forced_s if forced_s is not None else 1 / prefill_tps
         self._lines = {n: _StepLine(t, (cells or {}).get(n, 0.0)) for n, t in step_s.items()}
 
     def per_cell(self) -> float:
@@ -182,20 +187,30 @@ class Speed:
             else:
                 self._lines[n] = _StepLine(seconds, cells)
 
+    def observe_forced(self, n: int, tokens: int, seconds: float, cells: float = 0.0) -> None:
+        """A step of n sequences that also evaluated `tokens` forced tokens: what it took beyond a plain step."""
+        extra = max(seconds - self.step_s(n, cells), 0.0) / tokens
+        with self._lock:
+            self.forced_s += EMA * (extra - self.forced_s)
+
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         with self._lock:
             self.prefill_tps += EMA * (tokens / seconds - self.prefill_tps)
 
-    def seconds(self, cost: Cost, prompt_tokens: int, n: int) -> float:
-        """The answer's time at n sequences. Its context grows from the prompt to the prompt plus the
-        answer, so its steps cost, on average, what a step costs halfway; the others are taken alike."""
-        cells = n * (prompt_tokens + cost.tokens / 2)
-        return cost.sampled * self.step_s(n, cells) + (cost.forced + prompt_tokens) / self.prefill_tps
+    def seconds(self, cost: Cost, prompt_tokens: int, n: int, context: float | None = None) -> float:
+        """The time of an answer (or what is left of one) at n sequences: its sampled tokens a step each,
+        its forced ones riding along, the prompt tokens still to evaluate. Its context grows from `context`
+        cells (default: the prompt) by the answer, so its steps cost, on average, what a step costs halfway;
+        the other sequences are taken alike."""
+        held = prompt_tokens if context is None else context
+        cells = n * (held + cost.tokens / 2)
+        return cost.sampled * self.step_s(n, cells) + cost.forced * self.forced_s + prompt_tokens / self.prefill_tps
 
-    def planned(self, cost: Cost, prompt_tokens: int, n: int, prefill_share: float) -> float:
+    def planned(self, cost: Cost, prompt_tokens: int, n: int, prefill_share: float,
+                context: float | None = None) -> float:
         """What an answer is planned to take: its time at n sequences, with the margin, while other
         requests' prompts take `prefill_share` of the time."""
-        return self.seconds(cost, prompt_tokens, n) * PLAN_MARGIN / (1 - prefill_share)
+        return self.seconds(cost, prompt_tokens, n, context) * PLAN_MARGIN / (1 - prefill_share)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -203,7 +218,27 @@ class Speed:
             per_cell = self.per_cell()
         return {"prefill_tok_s": round(self.prefill_tps, 1),
                 "decode_tok_s_by_sequences": {n: round(n / line.at(line.x / line.w, 0.0), 1) for n, line in lines},
-                "step_us_per_kv_cell": round(per_cell * 1e6, 2)}
+                "step_us_per_kv_cell": round(per_cell * 1e6, 2), "forced_ms_per_token": round(self.forced_s * 1e3, 3)}
+
+
+class Fill:
+    """How much of its planned worst case an answer writes, per schema shape (a blueprint writes a tenth of
+    what it may): a running share, with a margin, for guessing when a running answer will end."""
+
+    UNKNOWN, MARGIN = 0.8, 0.2
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._share: dict[tuple[str, ...], float] = {}
+
+    def expected(self, shape: tuple[str, ...]) -> float:
+        with self._lock:
+            return min(self._share.get(shape, self.UNKNOWN) + self.MARGIN, 1.0)
+
+    def learn(self, shape: tuple[str, ...], written: int, worst: float) -> None:
+        with self._lock:
+            old = self._share.get(shape, self.UNKNOWN)
+            self._share[shape] = old + 0.3 * (written / worst - old)
 
 
 def script_of(text: str) -> str:

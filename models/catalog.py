@@ -135,7 +135,7 @@ _GGML_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "Q4_0": (32, 18), "Q8_0": (32, 34)
 
 # llama.cpp's quantization mixes: the base type, the output (lm_head) type, and the type given to
 # attn_v / ffn_down in the layers llama.cpp treats as sensitive (first and last eighth, every third).
-_MIXES = {"Q4_K_M": ("Q4_K", "Q6_K", "Q6_K"), "Q4_0": ("Q4_0", "Q6_K", None)}
+MIXES = {"Q4_K_M": ("Q4_K", "Q6_K", "Q6_K"), "Q4_0": ("Q4_0", "Q6_K", None)}
 
 
 def tensor_bytes(n_elements: int, ggml_type: str) -> int:
@@ -143,7 +143,7 @@ def tensor_bytes(n_elements: int, ggml_type: str) -> int:
     return n_elements // per_block * block_bytes
 
 
-def _more_bits(i: int, n: int) -> bool:
+def more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
@@ -162,14 +162,14 @@ class Layout:
 
 def estimate_layout(shape: Shape, quant: str, *, legacy_moe_mix: bool = False) -> Layout:
     """The tensor bytes llama-quantize would write for `quant` (metadata excluded, < 0.2%)."""
-    base, out_type, bumped = _MIXES[quant.upper()]
+    base, out_type, bumped = MIXES[quant.upper()]
     s = shape
     embd = s.n_vocab * s.n_embd
     q_dim, kv_dim = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
     experts = max(s.n_expert, 1)
     blocks, expert_part = [], []
     for i in range(s.n_layer):
-        more = bumped is not None and _more_bits(i, s.n_layer)
+        more = bumped is not None and more_bits(i, s.n_layer)
         # llama.cpp keeps attn_v of 8-expert models at Q8_0 ("trades just ~128MB")
         v_type = "Q8_0" if s.n_expert == 8 else (bumped if more else base)
         down_type = bumped if more and not (s.n_expert and legacy_moe_mix) else base

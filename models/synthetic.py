@@ -1,11 +1,15 @@
-"""A GGUF file with a real model's shapes and tokenizer but random weights, quantized by llama.cpp.
+"""A GGUF file with a real model's shapes and tokenizer but random weights, written straight in its final
+quantized types.
 
 Speed and memory depend on shapes, not on weight values (facts.md), so a Llama-3.1-8B-shaped Q4_K_M file
-written here stands in for the 5 GB download on a machine that reaches no model hub (the GPU check).
-Every tensor is written in F16 from one repeated block of small random numbers (norms are ones), streamed
-tensor by tensor, then `llama_model_quantize` turns the file into the asked type. The tokenizer is copied
+written here stands in for the 5 GB download on a machine that reaches no model hub (the GPU check). Each
+tensor gets the ggml type llama.cpp's quantizer would give it (models.catalog.MIXES: Q4_K, with Q6_K for the
+output and for attn_v and ffn_down in the layers it treats as sensitive; norms F32) and is filled with
+random quantized blocks whose scales are set so that weights come out small and finite (about N(0, 0.02)):
+no F16 file and no quantizer run, which took 25 s and 84 s of the GPU machine's time. The tokenizer is copied
 from another GGUF: for Llama-3.1 shapes the llama-bpe vocabulary that ships in llama.cpp's sources; the
-tiny shape, for tests, takes any model's (the embedded SmolLM2's).
+tiny shape, for tests, takes any model's (the embedded SmolLM2's). gguf-py only writes the blocks; it needs
+no llama.cpp, so the GPU check writes the file while llama.cpp builds.
 
     python -m models.synthetic --shape llama-3.1-8b --vocab ggml-vocab-llama-bpe.gguf --out 8b.gguf
 """
@@ -21,9 +25,18 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from models.catalog import MIXES, more_bits
+
 log = logging.getLogger(__name__)
 T = gguf.MODEL_TENSOR
-BLOCK = 1 << 20  # random values repeated to fill every tensor
+Q = gguf.GGMLQuantizationType
+POOL_BLOCKS = 4096  # random blocks repeated to fill every tensor
+FILE_TYPES = {"Q4_K_M": gguf.LlamaFileType.MOSTLY_Q4_K_M, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+# Where each block type keeps its f16 scales (byte offset: value), chosen so that the dequantized weights of
+# random quants have a mean near 0 and a spread near 0.02 (gguf.quants.dequantize; tests/test_gpu_tools.py).
+SCALES = {Q.Q4_K: {0: 7e-5, 2: 5.2e-4},  # d, dmin: w = d * scale * q - dmin * min
+          Q.Q6_K: {208: 1.5e-5},  # d: w = d * scale * (q - 32)
+          Q.Q4_0: {0: 4.5e-3}}  # d: w = d * (q - 8)
 # Llama-3's chat format, for vocabularies that carry no template (the miner refuses a GGUF without one).
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
@@ -49,18 +62,37 @@ SHAPES = {
 }
 
 
-def _tensors(shape: Shape, n_vocab: int) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, numpy shape) of a llama model's tensors, in the order llama.cpp's own converter writes them."""
+def tensors(shape: Shape, n_vocab: int, quant: str) -> list[tuple[str, tuple[int, ...], Q]]:
+    """(name, numpy shape, ggml type) of a llama model's tensors, in the order llama.cpp's converter writes them."""
+    base, output, bumped = (Q[name] if name else None for name in MIXES[quant])
     kv = shape.n_head_kv * (shape.n_embd // shape.n_head)
-    per_block = [(T.ATTN_NORM, (shape.n_embd,)), (T.ATTN_Q, (shape.n_embd, shape.n_embd)),
-                 (T.ATTN_K, (kv, shape.n_embd)), (T.ATTN_V, (kv, shape.n_embd)),
-                 (T.ATTN_OUT, (shape.n_embd, shape.n_embd)), (T.FFN_NORM, (shape.n_embd,)),
-                 (T.FFN_GATE, (shape.n_ff, shape.n_embd)), (T.FFN_UP, (shape.n_ff, shape.n_embd)),
-                 (T.FFN_DOWN, (shape.n_embd, shape.n_ff))]
     name = lambda kind, bid=None: gguf.TENSOR_NAMES[kind].format(bid=bid) + ".weight"  # noqa: E731
-    tensors = [(name(T.TOKEN_EMBD), (n_vocab, shape.n_embd))]
-    tensors += [(name(kind, bid), dims) for bid in range(shape.n_layer) for kind, dims in per_block]
-    return tensors + [(name(T.OUTPUT_NORM), (shape.n_embd,)), (name(T.OUTPUT), (n_vocab, shape.n_embd))]
+    out = [(name(T.TOKEN_EMBD), (n_vocab, shape.n_embd), base)]
+    for bid in range(shape.n_layer):
+        sensitive = bumped if bumped is not None and more_bits(bid, shape.n_layer) else base
+        out += [(name(T.ATTN_NORM, bid), (shape.n_embd,), Q.F32),
+                (name(T.ATTN_Q, bid), (shape.n_embd, shape.n_embd), base),
+                (name(T.ATTN_K, bid), (kv, shape.n_embd), base),
+                (name(T.ATTN_V, bid), (kv, shape.n_embd), sensitive),
+                (name(T.ATTN_OUT, bid), (shape.n_embd, shape.n_embd), base),
+                (name(T.FFN_NORM, bid), (shape.n_embd,), Q.F32),
+                (name(T.FFN_GATE, bid), (shape.n_ff, shape.n_embd), base),
+                (name(T.FFN_UP, bid), (shape.n_ff, shape.n_embd), base),
+                (name(T.FFN_DOWN, bid), (shape.n_embd, shape.n_ff), sensitive)]
+    return out + [(name(T.OUTPUT_NORM), (shape.n_embd,), Q.F32), (name(T.OUTPUT), (n_vocab, shape.n_embd), output)]
+
+
+def random_blocks(kind: Q, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n random blocks of a quantized type, as bytes (n, block bytes), with sane scales."""
+    blocks = rng.integers(0, 256, (n, gguf.GGML_QUANT_SIZES[kind][1]), dtype=np.uint8)
+    for offset, value in SCALES[kind].items():
+        blocks[:, offset:offset + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+    return blocks
+
+
+def nbytes(dims: tuple[int, ...], kind: Q) -> int:
+    per_block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    return int(np.prod(dims)) // per_block * block_bytes
 
 
 def _copy_tokenizer(writer: gguf.GGUFWriter, vocab: gguf.GGUFReader) -> int:
@@ -75,8 +107,8 @@ def _copy_tokenizer(writer: gguf.GGUFWriter, vocab: gguf.GGUFReader) -> int:
     return len(vocab.fields["tokenizer.ggml.tokens"].data)
 
 
-def write_f16(dest: Path, shape: Shape, vocab_path: Path, name: str, seed: int = 0) -> int:
-    """Write the F16 file; return its size in bytes."""
+def write(dest: Path, shape: Shape, vocab_path: Path, name: str, quant: str = "Q4_K_M", seed: int = 0) -> int:
+    """Write the file, tensor by tensor; return its size in bytes."""
     writer = gguf.GGUFWriter(str(dest), "llama")
     writer.add_name(name)
     writer.add_block_count(shape.n_layer)
@@ -88,49 +120,39 @@ def write_f16(dest: Path, shape: Shape, vocab_path: Path, name: str, seed: int =
     writer.add_rope_freq_base(shape.rope_theta)
     writer.add_rope_dimension_count(shape.n_embd // shape.n_head)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(FILE_TYPES[quant])
     n_vocab = _copy_tokenizer(writer, gguf.GGUFReader(str(vocab_path)))
     writer.add_vocab_size(n_vocab)
-    tensors = _tensors(shape, n_vocab)
-    for tensor_name, dims in tensors:
-        dtype = np.float32 if len(dims) == 1 else np.float16
-        writer.add_tensor_info(tensor_name, dims, np.dtype(dtype), int(np.prod(dims)) * np.dtype(dtype).itemsize)
+    layout = tensors(shape, n_vocab, quant)
+    for tensor_name, dims, kind in layout:
+        writer.add_tensor_info(tensor_name, dims, np.dtype(np.float32), nbytes(dims, kind), raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    block = np.random.default_rng(seed).normal(0.0, 0.02, BLOCK).astype(np.float16)
-    for _, dims in tensors:
-        if len(dims) == 1:
+    rng = np.random.default_rng(seed)
+    pools = {kind: random_blocks(kind, POOL_BLOCKS, rng) for kind in {k for _, _, k in layout} if kind != Q.F32}
+    for _, dims, kind in layout:
+        if kind == Q.F32:
             writer.write_tensor_data(np.ones(dims, dtype=np.float32))
         else:
-            writer.write_tensor_data(np.resize(block, dims))
+            writer.write_tensor_data(np.resize(pools[kind], (nbytes(dims, kind) // pools[kind].shape[1],
+                                                             pools[kind].shape[1])))
     writer.close()
     return dest.stat().st_size
 
 
-def make(dest: Path, shape: str, vocab_path: Path, quant: str = "Q4_K_M", threads: int = 0) -> Path:
-    """The quantized file at dest (the F16 file beside it is removed once quantized)."""
-    # Imported here: writing the F16 file needs no llama.cpp (the GPU check writes it while llama.cpp builds).
-    from models.quantize import quantize
-    f16 = dest.with_name(dest.name + ".f16")
+def make(dest: Path, shape: str, vocab_path: Path, quant: str = "Q4_K_M") -> Path:
     started = time.monotonic()
-    size = write_f16(f16, SHAPES[shape], vocab_path, f"{shape} synthetic (random weights)")
-    log.info("wrote %s: %.2f GB of F16 in %.0f s", f16, size / 1e9, time.monotonic() - started)
-    started = time.monotonic()
-    try:
-        quantize(f16, dest, quant, threads)
-    finally:
-        f16.unlink(missing_ok=True)
-    log.info("quantized to %s: %.2f GB in %.0f s", quant, dest.stat().st_size / 1e9, time.monotonic() - started)
+    size = write(dest, SHAPES[shape], vocab_path, f"{shape} synthetic (random weights)", quant)
+    log.info("wrote %s: %.2f GB of %s in %.0f s", dest, size / 1e9, quant, time.monotonic() - started)
     return dest
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.quantize import FTYPES
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-3.1-8b")
     parser.add_argument("--vocab", type=Path, required=True, help="a GGUF whose tokenizer the file gets")
-    parser.add_argument("--quant", choices=list(FTYPES), default="Q4_K_M")
+    parser.add_argument("--quant", choices=list(FILE_TYPES), default="Q4_K_M")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")

@@ -1,32 +1,46 @@
-"""The GPU proof's steps; scripts/gpu_check.sh runs them on the device machine, in order:
+"""The GPU proof's steps. scripts/gpu_check.sh runs them on the device machine in two calls:
 
-    f16     write an F16 file of Llama-3.1-8B's shapes (runs while llama.cpp builds)
-    rest    quantize it to Q4_K_M, `miner fit --vram-gb 6`, load it with that plan (VRAM against the
-            plan), one answer per task, then scripts/bench.py under vram_gb 6
-    failed  record a step that failed in the shell (the build), with the end of its log
+  call 1, `gpu_check.sh` (at most 8 minutes on 16 cores):
+    model    write Llama-3.1-8B's shapes straight in Q4_K_M (random weights), while llama.cpp builds
+    prove    the build; `miner fit --vram-gb 6`; a load with that plan (VRAM against the plan), one answer
+             per task and `parallel` at once: the engine's learned decode speed beside the rate its answers
+             actually ran at
+  call 2, `gpu_check.sh measure`, right after (the warm machine keeps /tmp; at most 5 minutes):
+    measure  scripts/bench.py under the 6 GiB plan (its rows in bench_rows.jsonl as each is measured), then the
+             3.2.1 validators' step (scripts/loadtest.py, 8 validators) against that plan, then, if time is
+             left, against the 4 GiB plan (partial offload: a consumer card's speed)
+  failed   record a step that failed in the shell (the build), with the end of its log
 
 Results: $OUT/gpu_check.json (every step so far) and $OUT/gpu_check.md (a table), rewritten as each step
-finishes, so a timeout keeps what finished. Each model load runs in a process of its own, so nvidia-smi
-sees what that load added and the next one starts from a free card. Without nvidia-smi the steps still
-run (no VRAM figures): `f16 --shape tiny` then `rest` rehearses them on a CPU (tests/test_gpu_tools.py).
+finishes, so a call cut short keeps what finished. Each model load runs in a process of its own, so
+nvidia-smi sees what that load added and the next one starts from a free card. Without nvidia-smi the
+steps still run (no VRAM figures): tests/test_gpu_tools.py rehearses them on the CPU with the tiny shape,
+where only the GPU image's packages and the carried ones import.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VRAM_GB = 6.0
-BENCH = ["--tasks", "blueprint,characters", "--repeat", "2", "--batch-task", "characters", "--batch-requests",
-         "8", "--n-ctx", "8192",  # 4 sequences x 2048 cells: what the 6 GiB plan gives Llama-3.1-8B
+PARTIAL_VRAM_GB = 4.0  # partial offload: about 45 tok/s on an H100, a 6 GB consumer card's speed
+CLOCK_TOLERANCE = 0.15  # the learned decode speed and the answers' rate must agree this well
+BENCH = ["--tasks", "blueprint,characters,story_arc,chapters", "--repeat", "1", "--batch-task", "characters",
+         "--batch-requests", "4", "--burst", "4", "--bare-steps", "100", "--n-ctx", "auto", "--parallel", "auto",
          "--step-cells", "1000"]  # the step rows' contexts: a validator's prompt and part of an answer
+LOADTEST_START_S = 45  # the miner's start (model load, warm-up) before the validators' first request
+LOADTEST_END_S = 15  # the last answers and the miner's shutdown
 
 
 class Report:
@@ -63,21 +77,37 @@ def gpu_facts() -> dict:
     return dict(zip(("gpu", "driver", "memory_total_mib", "compute_capability"), facts)) if facts else {"gpu": None}
 
 
+class StepFailed(Exception):
+    """A step's process failed: the message is its last line (the error), `tail` the end of its log."""
+
+    def __init__(self, message: str, tail: str = ""):
+        super().__init__(message)
+        self.tail = tail
+
+
 def run_json(argv: list[str], timeout: float) -> dict:
-    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    try:
+        out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        raise StepFailed(f"{' '.join(argv[:3])} did not finish in {timeout:.0f} s") from None
     if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:3])} exited {out.returncode}: {out.stderr[-1500:]}")
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StepFailed(f"{' '.join(argv[:3])} exited {out.returncode}: {last}", out.stderr[-3000:])
     return json.loads(out.stdout)
 
 
-def cmd_f16(args) -> int:
-    from models.synthetic import SHAPES, write_f16
+def model_path(work: Path) -> Path:
+    return work / "model-Q4_K_M.gguf"
+
+
+def cmd_model(args) -> int:
+    from models.synthetic import make
     report = Report(args.out)
     started = time.monotonic()
-    size = write_f16(args.work / "model.f16.gguf", SHAPES[args.shape], args.vocab,
-                     f"{args.shape} synthetic (random weights)")
-    report.add("write F16", True, time.monotonic() - started, f"{args.shape} shapes, {size / 1e9:.2f} GB",
-               **gpu_facts(), bytes=size)
+    path = make(model_path(args.work), args.shape, args.vocab)
+    report.add("write model", True, time.monotonic() - started,
+               f"{args.shape} shapes in Q4_K_M, {path.stat().st_size:,} bytes", **gpu_facts(),
+               bytes=path.stat().st_size)
     return 0
 
 
@@ -87,30 +117,22 @@ def cmd_failed(args) -> int:
     return 1
 
 
-def cmd_rest(args) -> int:
+def cmd_prove(args) -> int:
     import llama_cpp  # built a moment ago, with CUDA
-
-    from models.quantize import quantize
     report = Report(args.out)
-    report.add("build", llama_cpp.llama_supports_gpu_offload(), args.build_seconds,
-               f"llama-cpp-python {llama_cpp.__version__}, GPU offload "
-               f"{'on' if llama_cpp.llama_supports_gpu_offload() else 'OFF'}")
-    model = args.work / "model-Q4_K_M.gguf"
-    started = time.monotonic()
-    quantize(args.work / "model.f16.gguf", model, "Q4_K_M")
-    (args.work / "model.f16.gguf").unlink()
-    report.add("quantize", True, time.monotonic() - started, f"Q4_K_M, {model.stat().st_size:,} bytes",
-               bytes=model.stat().st_size)
+    offload = llama_cpp.llama_supports_gpu_offload()
+    report.add("build", offload, args.build_seconds,
+               f"llama-cpp-python {llama_cpp.__version__}, GPU offload {'on' if offload else 'OFF'}")
+    model = model_path(args.work)
     steps = [("fit", ["-m", "miner", "fit", "--model", str(model), "--vram-gb", str(VRAM_GB), "--json"], 120),
-             ("load and answer", [__file__, "serve", "--model", str(model)], 240),
-             ("bench", ["scripts/bench.py", "--model", str(model), "--vram-gb", str(VRAM_GB), "--json", *BENCH], 300)]
+             ("load and answer", [__file__, "serve", "--model", str(model)], 240)]
     plan = None
     for step, argv, timeout in steps:
         started = time.monotonic()
         try:
             data = run_json(argv, timeout)
-        except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
-            report.add(step, False, time.monotonic() - started, str(e)[:300])
+        except StepFailed as e:
+            report.add(step, False, time.monotonic() - started, str(e)[:300], log_tail=e.tail)
             continue
         seconds = time.monotonic() - started
         if step == "fit":
@@ -118,11 +140,11 @@ def cmd_rest(args) -> int:
             report.add(step, True, seconds, f"{data['n_gpu_layers']} layers, n_ctx {data['n_ctx']}, "
                        f"{data['kv_cache_type']} KV, estimate {data['estimated_vram_bytes'] / 2**20:,.0f} MiB",
                        plan=data)
-        elif step == "load and answer":
+        else:
             ok, summary = judge_load(data, plan)
             report.add(step, ok, seconds, summary, **data)
-        else:
-            report.add(step, True, seconds, bench_summary(data), bench=data)
+            ok, summary = judge_clock(data["clock"])
+            report.add("clock", ok, 0.0, summary, clock=data["clock"])
     return 0
 
 
@@ -130,7 +152,7 @@ def judge_load(data: dict, plan: dict | None) -> tuple[bool, str]:
     """Every answer valid, and the VRAM the load added within 5% of the plan and under the budget."""
     valid = sum(a["valid"] for a in data["answers"])
     answers = (f"{valid}/{len(data['answers'])} answers valid: "
-               + ", ".join(f"{a['task']} {a['seconds']:.1f} s" for a in data["answers"]))
+               + ", ".join(f"{a['task']} {a['tokens']} tokens {a['seconds']:.1f} s" for a in data["answers"]))
     measured, budget = data["vram_added_mib"], VRAM_GB * 1024
     estimate = plan["estimated_vram_bytes"] / 2**20 if plan and plan["estimated_vram_bytes"] else None
     if measured is None or estimate is None:
@@ -141,20 +163,26 @@ def judge_load(data: dict, plan: dict | None) -> tuple[bool, str]:
                 f"{answers}")
 
 
-def bench_summary(data: dict) -> str:
-    tasks = ", ".join(f"{r['task']} {r['path'].split(' ')[0]} {r['tok_per_s']:.0f} tok/s ({r['vs_raw_free']:.2f}x)"
-                      for r in data["tasks"])
-    batching = ", ".join(f"{r['path'].split(',')[0]} x{r['at_once']} {r['tok_per_s']:.0f} tok/s"
-                         for r in data["batching"] if r["at_once"] > 1)
-    # The KV layout question (a stream per sequence or one unified cache) is settled by these rows.
-    steps = "; ".join(f"{r['kv']}: " + ", ".join(f"{name} {ms:.1f}" for name, ms in r.items()
-                                                 if name not in ("kv", "flash_attn"))
-                      for r in data.get("steps", []))
-    return f"{tasks}; batching {batching}; ms per llama_decode: {steps}"
+def judge_clock(clock: dict) -> tuple[bool, str]:
+    """The warm-up's learned decode speed against the rate the answers ran at, at 1 and `parallel` sequences."""
+    parts, ok = [], True
+    for n, row in clock.items():
+        off = row["answers_tok_s"] / row["learned_tok_s"] - 1
+        ok = ok and abs(off) <= CLOCK_TOLERANCE
+        parts.append(f"{n} at once: learned {row['learned_tok_s']:.0f} tok/s, answers ran at "
+                     f"{row['answers_tok_s']:.0f} ({off:+.0%})")
+    return ok, "; ".join(parts) + f" (agree within {CLOCK_TOLERANCE:.0%})"
+
+
+def decode_rate(generation) -> float:
+    """Tokens the answer sampled a second, from its first token to its end: a step samples one token per
+    sequence, so this is the step rate the answer saw (forced text rides along in the same steps)."""
+    return (generation.completion_tokens - generation.forced_tokens) / (generation.seconds - generation.first_token_s)
 
 
 def cmd_serve(args) -> int:
-    """In its own process: load with the 6 GiB plan, measure what that added, answer each task once."""
+    """In its own process: load with the 6 GiB plan, measure what that added, answer each task once, then
+    `parallel` requests at once, and set the rates the answers ran at beside the speed the warm-up learned."""
     before = vram_used_mib()
     import llama_cpp  # noqa: F401  (before numpy: the other order made CUDA loading segfault)
 
@@ -167,36 +195,137 @@ def cmd_serve(args) -> int:
     backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="gpu", model_path=str(args.model),
                                                              vram_gb=VRAM_GB))
     added = vram_used_mib() - before if before is not None else None
+    learned = backend.engine.speed.snapshot()  # the warm-up's figures, before any answer teaches it more
     service = StoryService(Chain([BackendState(backend, "gpu")]), GenerationSettings())
-    answers = []
-    for task in TASKS:
-        answer = service.answer(examples.validator_fields(task, examples.VALIDATOR_PROMPTS[0]))
-        generation = answer.generation
-        answers.append({"task": task, "valid": answer.ok, "seconds": round(answer.seconds, 2),
-                        "tokens": generation.completion_tokens if generation else 0,
-                        "error": answer.output.get("error")})
+
+    def answer(task: str, prompt: int):
+        return task, service.answer(examples.validator_fields(task, examples.VALIDATOR_PROMPTS[prompt]))
+
+    alone = [answer(task, 0) for task in TASKS]
+    with ThreadPoolExecutor(backend.parallel) as pool:
+        together = list(pool.map(lambda k: answer("characters", k % 8), range(backend.parallel)))
+    answers = [{"task": task, "valid": a.ok, "seconds": round(a.seconds, 2), "at_once": at_once,
+                "tokens": a.generation.completion_tokens if a.generation else 0,
+                "forced": a.generation.forced_tokens if a.generation else 0,
+                "tok_s": round(decode_rate(a.generation), 1) if a.generation else None,
+                "error": a.output.get("error")}
+               for at_once, batch in ((1, alone), (backend.parallel, together)) for task, a in batch]
+    decoded = {1: [decode_rate(a.generation) for _, a in alone if a.generation],
+               backend.parallel: [decode_rate(a.generation) for _, a in together if a.generation]}
+    by_n = learned["decode_tok_s_by_sequences"]
+    clock = {n: {"learned_tok_s": by_n[n],
+                 # one at a time: the typical answer; together: the sum of the answers' rates, all decoding at once
+                 "answers_tok_s": statistics.median(rates) if n == 1 else sum(rates)}
+             for n, rates in decoded.items() if rates and n in by_n}
     json.dump({"vram_added_mib": added, "plan": backend.info().parameters, "parallel": backend.parallel,
-               "measured": backend.engine.speed.snapshot(), "answers": answers}, sys.stdout)
+               "learned": learned, "clock": clock, "answers": answers}, sys.stdout)
     backend.close()
     return 0
+
+
+def cmd_measure(args) -> int:
+    """The rows that settle the GPU design, in the order they matter, each within what is left of the budget."""
+    report = Report(args.out)
+    model = model_path(args.work)
+    end = time.monotonic() + args.seconds
+    reserve = args.loadtest_seconds + LOADTEST_START_S + LOADTEST_END_S  # the validators' step comes next
+    started = time.monotonic()
+    rows_file = args.out / "bench_rows.jsonl"
+    bench = ["scripts/bench.py", "--model", str(model), "--vram-gb", str(VRAM_GB), "--rows", str(rows_file),
+             *args.bench]
+    try:
+        with (args.out / "bench.txt").open("w") as table, (args.out / "bench.log").open("w") as progress:
+            subprocess.run([sys.executable, *bench], stdout=table, stderr=progress, cwd=ROOT, check=True,
+                           timeout=max(end - time.monotonic() - reserve, 30))
+        ok, note = True, ""
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        ok, note = False, f"; stopped: {type(e).__name__} (bench.log)"
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+    report.add("bench", ok, time.monotonic() - started, bench_summary(rows) + note, rows=len(rows))
+    for label, vram in ((f"validators' step, {VRAM_GB:g} GiB plan", VRAM_GB),
+                        (f"validators' step, {PARTIAL_VRAM_GB:g} GiB plan", PARTIAL_VRAM_GB)):
+        seconds = min(args.loadtest_seconds, end - time.monotonic() - LOADTEST_START_S - LOADTEST_END_S)
+        if seconds < args.loadtest_seconds / 2:
+            report.add(label, False, 0.0, f"not reached: {max(end - time.monotonic(), 0):.0f} s were left")
+            continue
+        report.add(label, *loadtest(args, model, vram, seconds))
+    return 0
+
+
+def loadtest(args, model: Path, vram_gb: float, seconds: float) -> tuple[bool, float, str]:
+    """The 3.2.1 validators' step against a miner planned for vram_gb: every request valid?"""
+    started = time.monotonic()
+    name = f"loadtest-{vram_gb:g}gib"
+    config = args.work / f"{name}.yaml"
+    config.write_text(json.dumps({"backends": [{"type": "llama_cpp", "name": "local", "model_path": str(model),
+                                                "vram_gb": vram_gb}]}))
+    argv = ["scripts/loadtest.py", "--validators", str(args.validators), "--seconds", f"{seconds:.0f}",
+            "--config", str(config), "--json", *args.loadtest]
+    try:
+        with (args.out / f"{name}.log").open("w") as progress:
+            out = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, stderr=progress, text=True,
+                                 cwd=ROOT, check=True, timeout=seconds + LOADTEST_START_S + LOADTEST_END_S + 60)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        return False, time.monotonic() - started, f"{type(e).__name__}; see {name}.log"
+    (args.out / f"{name}.json").write_text(out.stdout)
+    s = json.loads(out.stdout)["summary"]
+    p95 = s["answer_p95_s"]
+    summary = (f"{s['validators']} validators, {s['seconds']} s, {s['requests']} requests: {s['valid']} valid, "
+               f"{s['busy']} busy, {s['error']} errors, {s['invalid']} invalid, {s['no_answer']} no answer; "
+               f"answer p50 {s['answer_p50_s']} s, p95 {p95} s (full time points up to 30 s); "
+               f"{s['tokens_per_s']} tok/s served")
+    return s["requests"] > 0 and s["valid"] == s["requests"], time.monotonic() - started, summary
+
+
+def bench_summary(rows: list[dict]) -> str:
+    """One line of what bench.py measured: the miner against raw llama.cpp, batching, the KV layouts, a burst."""
+    parts = []
+    raw = {r["task"]: r for r in rows if r["section"] == "task" and r["path"].startswith("raw")}
+    mine = {r["task"]: r for r in rows if r["section"] == "task" and r["path"].startswith("miner")}
+    if mine:
+        parts.append("one at a time: " + ", ".join(
+            f"{t} {r['tok_per_s']:.0f} tok/s" + (f" ({r['tok_per_s'] / raw[t]['tok_per_s']:.2f}x raw)" if t in raw else "")
+            for t, r in mine.items()))
+    batching = [r for r in rows if r["section"] == "batching"]
+    if batching:
+        parts.append("batching: " + ", ".join(
+            f"{r['path'].split(',')[0]} x{r['at_once']} {r['tok_per_s']:.0f} tok/s ({r['vs_one_at_a_time']:.2f}x)"
+            for r in batching))
+    steps = [r for r in rows if r["section"] == "steps"]
+    if steps:
+        names = [k for k in steps[0] if k not in ("section", "kv", "flash_attn", "cells")]
+        parts.append("ms per llama_decode: " + "; ".join(
+            f"{r['kv']}: " + ", ".join(f"{n} {r[n]:.1f}" for n in names) for r in steps))
+    bursts = [r for r in rows if r["section"] == "burst"]
+    if bursts:
+        parts.append("burst: " + ", ".join(f"sharing {r['sharing']} 1st token {r['first_token_mean_s']:.2f} s, "
+                                           f"{r['seconds']:.1f} s, refused {r['refused']}" for r in bursts))
+    return "; ".join(parts) or "no rows"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    f16 = sub.add_parser("f16")
-    f16.add_argument("--vocab", type=Path, required=True)
-    f16.add_argument("--shape", default="llama-3.1-8b", help="a shape of models/synthetic.py; tiny to rehearse")
-    for p in (f16, sub.add_parser("rest"), sub.add_parser("failed")):
+    model = sub.add_parser("model")
+    model.add_argument("--vocab", type=Path, required=True)
+    model.add_argument("--shape", default="llama-3.1-8b", help="a shape of models/synthetic.py; tiny to rehearse")
+    prove, measure, failed = sub.add_parser("prove"), sub.add_parser("measure"), sub.add_parser("failed")
+    for p in (model, prove, measure, failed):
         p.add_argument("--out", type=Path, required=True)
-    for p in (f16, sub.choices["rest"]):
+    for p in (model, prove, measure):
         p.add_argument("--work", type=Path, required=True)
-    sub.choices["rest"].add_argument("--build-seconds", type=float, default=0.0)
-    sub.choices["failed"].add_argument("--step", required=True)
-    sub.choices["failed"].add_argument("--log", type=Path, required=True)
+    prove.add_argument("--build-seconds", type=float, default=0.0)
+    measure.add_argument("--seconds", type=float, default=285, help="the whole call's budget")
+    measure.add_argument("--loadtest-seconds", type=float, default=120)
+    measure.add_argument("--validators", type=int, default=8)
+    measure.add_argument("--bench", type=shlex.split, default=BENCH, help="bench.py's arguments (default: the GPU set)")
+    measure.add_argument("--loadtest", type=shlex.split, default=[], help="more of loadtest.py's arguments")
+    failed.add_argument("--step", required=True)
+    failed.add_argument("--log", type=Path, required=True)
     sub.add_parser("serve").add_argument("--model", type=Path, required=True)
     args = parser.parse_args(argv)
-    return {"f16": cmd_f16, "rest": cmd_rest, "failed": cmd_failed, "serve": cmd_serve}[args.command](args)
+    return {"model": cmd_model, "prove": cmd_prove, "measure": cmd_measure, "failed": cmd_failed,
+            "serve": cmd_serve}[args.command](args)
 
 
 if __name__ == "__main__":

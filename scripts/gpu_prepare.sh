@@ -24,15 +24,21 @@ mkdir -p "$out/wheels"
 tar -xzf "$tmp/llama_cpp_python-$llama_version.tar.gz" -C "$tmp"
 src="$tmp/llama_cpp_python-$llama_version"
 vendor="$src/vendor/llama.cpp"
-rm -rf "$vendor"/{docs,tests,benches,examples,pocs,tools,media,scripts,app,skills,grammars,requirements} "$src/docs"
+rm -rf "$vendor"/{docs,tests,benches,examples,pocs,tools,media,scripts,app,skills,grammars,requirements,.github,.devops} \
+  "$src"/{docs,.git,.github,examples,docker,tests}  # the sdist carries its own .git: 39 of its 74 MB
 find "$vendor/models" -mindepth 1 ! -name ggml-vocab-llama-bpe.gguf -delete
 for backend in "$vendor"/ggml/src/ggml-*/; do
   case "$(basename "$backend")" in ggml-cpu|ggml-cuda|ggml-blas) ;; *) rm -rf "$backend" ;; esac
 done
 tar -czf "$out/llama-cpp-python-$llama_version-slim.tar.gz" -C "$tmp" "llama_cpp_python-$llama_version"
 
-# Not in the GPU image (device KINDS.md); pure Python or abi3/cp wheels for its Python.
-wheels=(llguidance pydantic pydantic-core annotated-types typing-inspection gguf diskcache)
+# What the check imports (the miner, bench.py, loadtest.py with bittensor's Axon and Dendrite) and the GPU
+# image lacks (scripts/gpu_image_packages.txt); pure Python or abi3/cp wheels for its Python. The CPU
+# rehearsal in tests/test_gpu_tools.py fails when one is missing.
+wheels=(llguidance pydantic pydantic-core annotated-types typing-inspection gguf diskcache
+        bittensor bittensor-wallet bittensor-drand async-substrate-interface asyncstdlib aiosqlite cyscale
+        fastapi starlette uvicorn websockets netaddr opentelemetry-api msgpack-numpy-opentensor
+        python-statemachine sniffio)
 pins=()
 for name in "${wheels[@]}"; do pins+=("$name==$(version "$name")"); done
 "$python" -m pip download -q --no-deps --only-binary=:all: --python-version "$target_python" \

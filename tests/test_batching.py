@@ -7,12 +7,14 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import pytest
 
 from backends import llama_lowlevel as ll
 from backends.base import BackendBusy, BackendError, Request
-from backends.batching import MAX_BROKEN_STEPS, Job
+from backends.engine import MAX_BROKEN_STEPS, Job, Load
+from backends.engine.admission import LOAD_WINDOW_S
 from backends.chain import BackendState, Chain
 from backends.constraint import Matcher
 from backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
@@ -148,17 +150,26 @@ def test_a_prompt_reuses_the_cells_of_an_earlier_one_it_shares_a_prefix_with(emb
 
 def test_identical_requests_at_once_evaluate_their_prompt_once_and_answer_differently(embedded_backend, service):
     """A 3.2.1 burst: validators of one block send the same request together. The second copies the
-    first's prompt cells from its busy slot; each answer is still sampled with its own seed."""
+    first's prompt cells from its busy slot while the first is still answering (not from a cached prompt
+    after it), and each answer is still sampled with its own seed."""
     request = validators_request(service, "chapters")[0]
     schema = obj(story=text(150, 300))
     embedded_backend.engine.forget_cached()
+
+    def timed(_):
+        started = time.monotonic()
+        generation = embedded_backend.generate(Request(
+            messages=request.messages, max_tokens=2000, deadline=time.monotonic() + 55, schema=schema,
+            language_sample=request.language_sample))
+        return started, time.monotonic(), generation
+
     with ThreadPoolExecutor(2) as pool:
-        both = list(pool.map(lambda _: embedded_backend.generate(Request(
-            messages=request.messages, max_tokens=300, deadline=time.monotonic() + 55, schema=schema)), range(2)))
-    prompt = both[0].prompt_tokens
-    assert sorted(g.cached_tokens for g in both) == [0, prompt - 1]  # one prefill, one copy
-    assert both[0].text != both[1].text
-    for g in both:
+        both = list(pool.map(timed, range(2)))
+    (_, first_end, first), (second_start, _, second) = sorted(both, key=lambda b: b[2].cached_tokens)
+    assert [first.cached_tokens, second.cached_tokens] == [0, first.prompt_tokens - 1]  # one prefill, one copy
+    assert second_start + second.first_token_s < first_end  # decoding side by side
+    assert first.text != second.text
+    for g in (first, second):
         assert 150 <= len(json.loads(g.text)["story"]) <= 300
 
 
@@ -180,7 +191,7 @@ class RefusesAfter(Matcher):
     """A real matcher that fails after a few tokens, as a constraint bug would."""
 
     def __init__(self, inner: Matcher, tokens: int):
-        super().__init__(inner.ll)
+        super().__init__(inner.ll, inner.bits.shape[1] * 32)
         self.left = tokens
 
     def consume(self, tokens: list[int]) -> None:
@@ -191,7 +202,7 @@ class RefusesAfter(Matcher):
 
 
 def job_for(backend: LlamaCppBackend, prompt: list[int], matcher: Matcher | None, max_tokens: int = 40) -> Job:
-    sampler = ll.SamplerChain(backend.model.n_vocab, temperature=0.8, top_p=0.95, repeat_penalty=1.1, seed=1)
+    sampler = ll.SamplerChain(temperature=0.8, top_p=0.95, repeat_penalty=1.1, seed=1)
     return Job(prompt, sampler, matcher, max_tokens)
 
 
@@ -241,6 +252,154 @@ def test_a_context_that_keeps_failing_is_rebuilt_and_health_says_so(monkeypatch)
         backend.close()
 
 
+@pytest.fixture(scope="module")
+def four():
+    backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="four", parallel=4, n_ctx=8192))
+    yield backend
+    backend.close()
+
+
+def bad_job(backend: LlamaCppBackend) -> Callable[[Load], Job]:
+    invalid = [backend.model.n_vocab + 7]  # llama_decode refuses a token id outside the vocabulary
+    return lambda load: job_for(backend, invalid, None)
+
+
+def test_three_sequences_failing_in_one_step_leave_the_healthy_answer_and_the_engine(four):
+    """Each failing sequence fails its own request; the step decoded the healthy one, so the context is not
+    broken (it counted each failure as a broken step, and the third stopped the engine)."""
+    engine = four.engine
+    with ThreadPoolExecutor(1) as pool:
+        good = pool.submit(four.generate, ask("Say hi.", obj(reply=text(40, 200)), 60))
+        while engine.active() == 0:
+            time.sleep(0.01)
+        with engine.admission.cond:  # all three join between the same two steps
+            bad = [engine.submit(time.monotonic() + 30, bad_job(four), (0.1, 0.1), 0.0) for _ in range(3)]
+        for ticket in bad:
+            with pytest.raises(BackendError, match="could not decode this answer"):
+                ticket.future.result(timeout=30)
+        assert json.loads(good.result(timeout=60).text)["reply"]
+    assert engine.alive()
+
+
+def test_a_request_while_the_context_is_rebuilt_waits_for_the_new_one(monkeypatch):
+    """The rebuilt engine is reachable only once it has measured its speed: a request that comes during the
+    warm-up waits for it (it met an engine without a speed, an AttributeError the chain counts as a failure)."""
+    backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="rebuilt", parallel=1))
+    try:
+        def broken(batch):
+            raise ll.LlamaError("llama_decode failed with code -3 (injected)")
+        monkeypatch.setattr(backend.ctx, "decode", broken)  # this context only: the rebuilt one decodes
+        for _ in range(MAX_BROKEN_STEPS):
+            with pytest.raises(BackendError, match="injected"):
+                backend.generate(ask("Say hi.", obj(reply=text(1, 20)), 30))
+        assert not backend.engine.alive()
+        real, warming = ll.Context.decode, threading.Event()
+
+        def slow(ctx, batch):  # the new context's warm-up takes a second or two
+            warming.set()
+            time.sleep(0.03)
+            return real(ctx, batch)
+
+        monkeypatch.setattr(ll.Context, "decode", slow)
+        with ThreadPoolExecutor(2) as pool:
+            rebuilt = pool.submit(backend.health)
+            assert warming.wait(timeout=30)  # the new engine is measuring its speed now
+            answer = pool.submit(backend.generate, ask("Say hi.", obj(reply=text(1, 20)), 60))
+            assert rebuilt.result(timeout=60).ok
+            assert json.loads(answer.result(timeout=60).text)["reply"]
+    finally:
+        backend.close()
+
+
+def test_an_error_placing_a_request_fails_only_that_request(embedded_backend, monkeypatch):
+    engine = embedded_backend.engine
+    real = engine.ctx.forget
+    failures = []
+
+    def fails_once(seq, start=0):  # the newcomer's placement drops its slot's stale cells: that fails
+        if not failures:
+            failures.append(seq)
+            raise ll.LlamaError("llama.cpp could not drop positions (injected)")
+        return real(seq, start)
+
+    with ThreadPoolExecutor(1) as pool:
+        good = pool.submit(embedded_backend.generate, ask("Say hi.", obj(reply=text(40, 200)), 60))
+        while engine.active() == 0:
+            time.sleep(0.01)
+        monkeypatch.setattr(engine.ctx, "forget", fails_once)
+        with pytest.raises(BackendError, match="injected"):
+            embedded_backend.generate(ask("Say hi.", obj(reply=text(1, 20)), 30))
+        assert json.loads(good.result(timeout=60).text)["reply"]
+    assert engine.alive() and failures
+
+
+def test_compaction_moves_answers_only_under_the_lock_submit_reads_them_under(embedded_backend, service, monkeypatch):
+    engine = embedded_backend.engine
+    held = []
+    real = engine.kv.compact
+
+    def compact():
+        held.append(engine.admission.cond._is_owned())
+        real()
+
+    monkeypatch.setattr(engine.kv, "compact", compact)
+    with ThreadPoolExecutor(2) as pool:  # the short one ends first, and the long one moves down to its slot
+        short = pool.submit(embedded_backend.generate, ask("Say hi.", obj(reply=text(1, 10)), 60))
+        while engine.active() == 0:
+            time.sleep(0.01)
+        long = pool.submit(embedded_backend.generate, ask("Tell a tale.", obj(tale=text(200, 260)), 60))
+        short.result(timeout=60)
+        long.result(timeout=60)
+    assert held and all(held)
+
+
+def test_the_recent_load_counts_the_answer_that_is_leaving(single, monkeypatch):
+    """The load answers are planned for: one answer decoding alone for T seconds leaves an average of
+    1 - exp(-T / 60) (it was recorded after the answer had left, as if nothing had decoded)."""
+    admission = single.engine.admission
+    monkeypatch.setattr(admission, "_load_avg", 0.0)
+    monkeypatch.setattr(admission, "_load_at", time.monotonic())
+    generation = single.generate(ask("Tell a tale.", obj(tale=text(150, 200)), 60))
+    decoding = generation.seconds - generation.first_token_s
+    assert admission.load_avg >= 0.5 * (1 - math.exp(-decoding / LOAD_WINDOW_S))
+
+
+def test_a_unified_cache_out_of_room_drops_idle_prompts_and_serves_on(service, monkeypatch):
+    """llama.cpp finds no room for a batch (a fragmented unified cache): the cached prompts of free slots go,
+    and the batch is decoded again."""
+    backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="unified-full", n_ctx=8192,
+                                                             kv_unified=True))
+    try:
+        with ThreadPoolExecutor(2) as pool:  # both slots now hold a cached prompt
+            list(pool.map(backend.generate, [ask("Say hi.", obj(reply=text(1, 10)), 60),
+                                             ask("Name a colour.", obj(colour=text(1, 10)), 60)]))
+        real, refused = backend.ctx.decode, []
+
+        def full_once(batch):
+            if not refused:
+                refused.append(batch.n)
+                raise ll.NoKvRoom(f"no free KV cells for {batch.n} tokens (injected)")
+            return real(batch)
+
+        monkeypatch.setattr(backend.ctx, "decode", full_once)
+        answer = backend.generate(ask("Name a fruit.", obj(fruit=text(1, 10)), 60))
+        assert json.loads(answer.text)["fruit"] and refused
+        assert backend.engine.stats["failed_decodes"] == 1
+        assert sum(bool(s.cached) for s in backend.engine.kv.slots) == 1  # the other slot's prompt was dropped
+    finally:
+        backend.close()
+
+
+def test_no_room_for_a_lone_sequence_with_streams_is_busy_not_a_failure(single, monkeypatch):
+    def full(batch):
+        raise ll.NoKvRoom("no free KV cells (injected)")
+    monkeypatch.setattr(single.ctx, "decode", full)
+    with pytest.raises(BackendBusy, match="busy: llama.cpp could not decode this answer: .*injected"):
+        single.generate(ask("Say hi.", obj(reply=text(1, 20)), 30))
+    monkeypatch.undo()
+    assert single.engine.alive()
+
+
 def hold_first_then_ask(backend: LlamaCppBackend, slack: float) -> tuple[float, float]:
     """A free-text answer whose hard limit is `slack` times the time planned for it alone, then a newcomer
     with a long prompt: (when the first ended, when the newcomer started), from the newcomer's arrival."""
@@ -273,12 +432,12 @@ def test_a_newcomer_that_would_push_a_running_answer_past_its_limit_waits(embedd
     assert started < ended / 10
 
 
-def test_an_idle_engine_serves_a_request_that_fits_alone_whatever_the_recent_load(embedded_backend, service,
+def test_an_idle_engine_admits_a_request_that_fits_alone_whatever_the_recent_load(embedded_backend, service,
                                                                                     monkeypatch):
     # This machine's speed as a fresh miner measures it (tests that switch backends slow the shared one's steps).
     backend, engine = embedded_backend, embedded_backend.engine
     monkeypatch.setattr(engine, "speed", Speed(300.0, {1: 0.012, 2: 0.017}))
-    monkeypatch.setattr(engine, "_load_avg", float(backend.parallel))  # a busy minute just ended
+    monkeypatch.setattr(engine.admission, "_load_avg", float(backend.parallel))  # a busy minute just ended
     request = validators_request(service, "chapters")[0]
     tpc = backend.tokens_per_char(request.language_sample)
     floor = backend._cost(shrink(request.schema, 0.0), tpc)
@@ -327,7 +486,7 @@ def test_a_unified_cache_serves_requests_together_and_shares_a_burst_prompt(serv
     backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="unified", n_ctx=8192,
                                                              kv_unified=True))
     try:
-        assert backend.ctx.kv_unified and backend.engine.kv_room == 8192 // backend.parallel
+        assert backend.ctx.kv_unified and backend.engine.kv.room == 8192 // backend.parallel
         request = validators_request(service, "chapters")[0]
         schema = obj(story=text(100, 200))
         with ThreadPoolExecutor(2) as pool:

@@ -8,7 +8,7 @@ import pytest
 
 from backends import llama_lowlevel as ll
 from backends.base import BackendError
-from backends.constraint import SPACES, Masks, Vocabulary
+from backends.constraint import SPACES, Vocabulary
 from backends.sizing import skeleton
 from miner import examples
 from miner.config import GenerationSettings
@@ -55,11 +55,9 @@ def test_a_string_stops_exactly_at_its_max_length(model, vocab):
 
 def test_a_string_below_its_floor_cannot_end(model, vocab):
     matcher = vocab.matcher(obj(story=text(3, 10)))
-    masks = Masks(vocab, 1)
     feed(model, matcher, '{"story":"ab')
-    masks.fill([matcher])
     logits = np.zeros(model.n_vocab, dtype=np.float32)
-    masks.apply(0, logits)
+    matcher.restrict(logits)
     allowed = np.flatnonzero(np.isfinite(logits))
     assert 0 < len(allowed) < model.n_vocab
     texts = [model.piece(int(t)) for t in allowed]
@@ -67,18 +65,21 @@ def test_a_string_below_its_floor_cannot_end(model, vocab):
     assert any(t == b"c" for t in texts)
 
 
-def test_masks_of_several_sequences_are_computed_together_and_kept_apart(model, vocab):
+def test_the_one_token_check_agrees_with_the_full_mask(model, vocab):
+    """The lazy check asks the matcher about the drawn token alone; it must say what the mask says."""
     schema = obj(story=text(1, 10))
     a, b = vocab.matcher(schema), vocab.matcher(schema)
     feed(model, a, '{"story":"x')
-    masks = Masks(vocab, 2)
-    masks.fill([a, b])
-    first, second = np.zeros(model.n_vocab, np.float32), np.zeros(model.n_vocab, np.float32)
-    masks.apply(0, first)
-    masks.apply(1, second)
     quote = model.tokenize('"', add_special=False, parse_special=False)[0]
-    assert np.isfinite(first[quote])  # a may end its one-character string
-    assert not np.isfinite(second[quote])  # b has not even opened its object
+    assert a.allows(quote) and not b.allows(quote)  # a may end its one-character string; b has not opened
+    for matcher in (a, b):
+        logits = np.zeros(model.n_vocab, dtype=np.float32)
+        matcher.restrict(logits)
+        masked = np.isfinite(logits)
+        sample = np.random.default_rng(0).choice(model.n_vocab, 300, replace=False)
+        assert [matcher.allows(int(t)) for t in sample] == [bool(masked[t]) for t in sample]
+        assert masked[quote] == matcher.allows(quote)
+    assert not a.allows(model.special_token("eos"))  # mid-answer, the end of text is refused too
 
 
 def test_a_finished_answer_parses_and_is_done(model, vocab):

@@ -141,12 +141,12 @@ def test_the_sampler_chain_draws_only_from_what_the_logits_allow(model, ctx):
     tokens = model.tokenize(PROMPT, add_special=False, parse_special=False)
     batch = ll.Batch(128)
     logits = decode_prompt(ctx, batch, tokens, 0)
-    greedy = ll.SamplerChain(model.n_vocab, temperature=0.0, top_p=1.0, repeat_penalty=1.0, seed=1)
+    greedy = ll.SamplerChain(temperature=0.0, top_p=1.0, repeat_penalty=1.0, seed=1)
     assert greedy.sample(ctx, len(tokens) - 1) == int(np.argmax(logits))
     view = ctx.logits(len(tokens) - 1)
     view[:] = -np.inf
     view[1234] = 0.0  # what a constraint mask leaves
-    warm = ll.SamplerChain(model.n_vocab, temperature=0.8, top_p=0.95, repeat_penalty=1.1, seed=7)
+    warm = ll.SamplerChain(temperature=0.8, top_p=0.95, repeat_penalty=1.1, seed=7)
     assert warm.sample(ctx, len(tokens) - 1) == 1234
     greedy.close()
     warm.close()
