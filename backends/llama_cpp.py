@@ -8,6 +8,7 @@ current load requires (backends/sizing.py). The request's deadline is the hard l
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -212,6 +213,9 @@ class LlamaCppBackend(Backend):
             self._formatter = Jinja2ChatFormatter(template=self.model.chat_template() or "", eos_token=eos_text,
                                                   bos_token=self._bos)
             self.char_cost = CharCost(self.count_tokens)
+            # A schema's forced text (its skeleton) comes back with every request of its task and size:
+            # counted once, not at each of admission's ten sizing steps.
+            self._forced_tokens = functools.lru_cache(maxsize=1024)(self.count_tokens)
             self._vocab = Vocabulary(self.model)
             self._revive_lock, self._revived_at, self.revived = threading.Lock(), 0.0, None
             self._start_engine()
@@ -347,7 +351,7 @@ class LlamaCppBackend(Backend):
                           first_token_s=result.first_token_s)
 
     def _cost(self, schema: dict[str, Any], tpc: float) -> Cost:
-        return worst_case(schema, tpc, self.count_tokens)
+        return worst_case(schema, tpc, self._forced_tokens)
 
     def _seconds(self, cost: Cost, prompt_tokens: int, sequences: int, prefill_share: float) -> float:
         return self.engine.speed.planned(cost, prompt_tokens, sequences, prefill_share)

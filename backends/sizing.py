@@ -8,7 +8,6 @@ its maxLength, so the plan holds whatever the model writes. No library sizes out
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import threading
@@ -23,23 +22,22 @@ MIN_SPREAD_CELLS = 128  # steps must span about this much context before a slope
 
 
 def shrink(schema: dict[str, Any], scale: float) -> dict[str, Any]:
-    """A copy whose maxLength and maxItems lie `scale` of the way from their floors (0) to themselves (1)."""
-    out = copy.deepcopy(schema)
+    """A copy whose maxLength and maxItems lie `scale` of the way from their floors (0) to themselves (1).
+    Rebuilt by hand rather than with copy.deepcopy: admission shrinks a schema about ten times a request,
+    and deepcopy's bookkeeping was half of admission's time."""
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(value) for value in node]
+        if not isinstance(node, dict):
+            return node
+        out = {key: walk(value) for key, value in node.items()}
+        for lo_key, hi_key in (("minLength", "maxLength"), ("minItems", "maxItems")):
+            if hi_key in out:
+                lo = out.get(lo_key, 0)
+                out[hi_key] = lo + math.floor((out[hi_key] - lo) * scale)
+        return out
 
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for lo_key, hi_key in (("minLength", "maxLength"), ("minItems", "maxItems")):
-                if hi_key in node:
-                    lo = node.get(lo_key, 0)
-                    node[hi_key] = lo + math.floor((node[hi_key] - lo) * scale)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(out)
-    return out
+    return walk(schema)
 
 
 def skeleton(schema: Any) -> Any:

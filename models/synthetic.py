@@ -59,6 +59,10 @@ SHAPES = {
     "llama-3.1-8b": Shape(n_layer=32, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8, context_length=131072,
                           rope_theta=500000.0),
     "tiny": Shape(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, context_length=4096, rope_theta=10000.0),
+    # Llama-3's 128k vocabulary on small layers: what the per-token work of a 128k model costs (masks,
+    # sampling), at a speed a CPU can bench
+    "small-128k": Shape(n_layer=4, n_embd=512, n_ff=1536, n_head=8, n_head_kv=4, context_length=16384,
+                        rope_theta=500000.0),
 }
 
 

@@ -76,7 +76,8 @@ STEP_SHAPES = {
 COLUMNS: dict[str, list[tuple[str, str, int, str]]] = {
     "task": [("task", "task", 11, "<"), ("path", "path", 40, "<"), ("prompt_tokens", "prompt", 7, ">"),
              ("tokens", "tokens", 8, ">.0f"), ("seconds", "seconds", 9, ">.2f"), ("tok_per_s", "tok/s", 8, ">.1f"),
-             ("vs_raw_free", "vs raw free", 12, ">.2f"), ("valid", "valid", 7, ">")],
+             ("vs_raw_free", "vs raw free", 12, ">.2f"), ("valid", "valid", 7, ">"),
+             ("refused_draws", "refused draws", 15, ">.1%")],
     "batching": [("path", "path", 40, "<"), ("at_once", "at once", 8, ">"), ("tokens", "tokens", 8, ">"),
                  ("seconds", "seconds", 9, ">.2f"), ("tok_per_s", "total tok/s", 13, ">.1f"),
                  ("vs_one_at_a_time", "vs 1 at a time", 16, ">.2f"), ("vs_same_work", "vs same work", 14, ">.2f"),
@@ -135,7 +136,6 @@ class Rows:
     def note(self, text: str) -> None:
         if not self.as_json:
             print(text, flush=True)
-            self.printing = ""
 
     def dump(self) -> None:
         if self.as_json:
@@ -194,9 +194,13 @@ def bench_tasks(backend: LlamaCppBackend, tasks: list[str], repeat: int, rows: R
         fields = examples.example_fields(task)
         messages = full_size_request(fields).messages
         log.info("%s: the miner, %d runs", task, repeat)
+        rejected = backend.engine.stats["rejected_draws"]
         mine = [miner_run(backend, fields, seed) for seed in range(repeat)]
-        rows.add("task", task_row(task, "miner (llguidance + forced batches)", len(backend.prompt_tokens(messages)),
-                                  mine, context_of(fields)))
+        row = task_row(task, "miner (llguidance + forced batches)", len(backend.prompt_tokens(messages)), mine,
+                       context_of(fields))
+        # the grammar's lazy check: draws it refused (each cost a full mask and a second draw), of the tokens drawn
+        row["refused_draws"] = (backend.engine.stats["rejected_draws"] - rejected) / max(sum(n for _, n, _ in mine), 1)
+        rows.add("task", row)
         runs += [{"task": task, "messages": messages, "max_tokens": n, "seed": seed}
                  for seed, (_, n, _) in enumerate(mine)]
     return runs

@@ -3,6 +3,7 @@ the embedded model's real tokenizer on the validators' Chinese requests."""
 import json
 import random
 
+import numpy as np
 import pytest
 
 from backends import llama_lowlevel as ll
@@ -69,6 +70,41 @@ def test_steps_grow_with_the_context_attended_to_and_plans_count_it():
     assert grown == pytest.approx(2000 * (0.014 + 3e-6 * 2 * (800 + 1000)) + 800 / 200, rel=0.01)
 
 
+# ms per step (llama_decode and a draw for each sequence) on 2 cores with the embedded model, measured
+# 2026-12-04 at these KV cells in all: what an answer's steps really cost, one by one, as its context grows.
+# Not a line: the cost per cell grows with the context.
+STEP_MS = {1: [(300, 8.9), (1000, 10.2), (2000, 12.5), (3000, 15.8), (4000, 18.8)],
+           2: [(600, 16.3), (2000, 20.9), (4000, 24.5), (6000, 30.1), (8000, 48.0)]}
+
+
+def measured_step(n: int, cells: float) -> float:
+    return float(np.interp(cells, *zip(*STEP_MS[n]))) / 1000
+
+
+def test_a_plan_holds_against_the_measured_steps_of_an_answer_as_its_context_grows():
+    """The time model learns a line per number of sequences from the steps served and prices an answer at
+    the step halfway through its context; here it is checked against the step-by-step sum of measured
+    steps, not against its own figures."""
+    speed = Speed(200.0, {1: 0.0089, 2: 0.0163})
+    for n, prompt, answer in [(1, 400, 1500), (2, 400, 1000), (1, 300, 600), (2, 500, 1400)] * 3:  # answers served
+        for k in range(answer):
+            cells = n * (prompt + k)
+            speed.observe_step(n, measured_step(n, cells), cells)
+    for n, prompt, sampled in ((1, 400, 1500), (1, 300, 200), (2, 600, 1200), (2, 300, 300), (2, 500, 1800)):
+        planned = speed.planned(Cost(sampled, 0), prompt, n, prefill_share=0.0)
+        taken = sum(measured_step(n, n * (prompt + k)) for k in range(sampled)) + prompt / 200.0
+        assert taken <= planned <= 1.25 * taken, (n, prompt, sampled, planned / taken)
+
+
+def test_what_forced_tokens_cost_is_learned_from_the_steps_that_carry_them():
+    speed = Speed(300.0, {1: 0.010})
+    assert speed.forced_s == pytest.approx(1 / 300)  # until steps say otherwise: a prompt token's price
+    for _ in range(100):
+        speed.observe_forced(1, 8, 0.010 + 8 * 0.0002)  # 8 forced tokens rode along, 0.2 ms each
+    assert speed.forced_s == pytest.approx(0.0002, rel=0.05)
+    assert speed.seconds(Cost(sampled=100, forced=500), 0, 1) == pytest.approx(100 * 0.010 + 500 * 0.0002, rel=0.05)
+
+
 def seconds_of(model, speed, tokens_per_char, n):
     def measure(schema):
         cost = worst_case(schema, tokens_per_char, count(model))
@@ -104,8 +140,7 @@ def test_a_schema_sized_for_a_slow_speed_fits_its_plan_with_every_string_at_its_
     largest = fill(sized.schema)  # every string at its maximum, in the request's language
     written = count(model)(json.dumps(largest, ensure_ascii=False, separators=(",", ":")))
     sampled = sum(count(model)(s) + 1 for s in strings_in(largest))  # each string's text and its end
-    assert written <= sized.cost.tokens * 1.05
-    assert speed.seconds(Cost(sampled, written - sampled), 300, 2) <= target * 1.05
+    assert written <= sized.cost.tokens * 1.05 and sampled <= sized.cost.sampled * 1.05
 
 
 def fill(schema):
