@@ -6,7 +6,9 @@ loads with its module).
 """
 from __future__ import annotations
 
-from importlib import import_module
+import miner  # noqa: F401  (first: it loads llama_cpp before anything loads numpy)
+
+from importlib import import_module  # noqa: E402
 
 from backends.base import Backend, BackendError, BackendSettings
 

@@ -15,26 +15,10 @@ from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from miner.errors import AnswerRejected, BackendBusy, BackendError, DeadlineExceeded
 
-class BackendError(Exception):
-    """A backend could not produce an answer; the message says why and, where it can, the fix."""
-
-
-class DeadlineExceeded(BackendError):
-    """The request's deadline passed before the backend finished."""
-
-
-class BackendBusy(BackendError):
-    """The backend cannot answer this request in time at its current load: not a failure."""
-
-
-class AnswerRejected(ValueError):
-    """The caller refused an answer. `retry_from` is the start of it worth keeping: one more try continues
-    from there (where the backend can), so only the failing part is written again."""
-
-    def __init__(self, message: str, retry_from: str | None = None):
-        super().__init__(message)
-        self.retry_from = retry_from
+__all__ = ["AnswerRejected", "Backend", "BackendBusy", "BackendError", "BackendSettings", "DeadlineExceeded",
+           "Generation", "Health", "ModelInfo", "Request"]
 
 
 @dataclass(frozen=True)

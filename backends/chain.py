@@ -20,17 +20,12 @@ from typing import Any, Callable, TypeVar
 
 from backends import REGISTRY, backend_class, build_backend
 from backends.base import AnswerRejected, Backend, BackendBusy, BackendError, Generation, Health, Request
+from miner.errors import AllBackendsFailed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIN_SECONDS_TO_TRY = 1.0  # less than this left: another backend cannot answer in time
-
-
-class AllBackendsFailed(BackendError):
-    def __init__(self, reasons: list[tuple[str, str]]):
-        self.reasons = reasons
-        super().__init__("no backend could answer: " + "; ".join(f"{n}: {r}" for n, r in reasons))
 
 
 @dataclass
@@ -113,6 +108,7 @@ class Chain:
     def generate(self, request: Request, accept: Callable[[Generation], T]) -> tuple[T, Generation]:
         """Return accept(generation) from the first backend whose answer accept() takes."""
         reasons: dict[int, str] = {}  # by position in the YAML, so the final error reads in that order
+        busy = failed = 0
         now = time.monotonic()
         # Backends on cool-down go last rather than never: better a probe than no answer.
         order = sorted(range(len(self.states)), key=lambda i: (self.states[i].backend is None,
@@ -136,8 +132,9 @@ class Chain:
             except BackendBusy as e:  # too busy to answer in time: no reason to cool it down
                 self._busy(state)
                 reasons[i] = str(e)
+                busy += 1
                 continue
-            except (BackendError, ValueError) as e:
+            except (BackendError, AnswerRejected) as e:
                 reasons[i] = str(e)
             except Exception as e:  # a bug in one backend must not keep the next from answering
                 log.exception("backend %s raised an unexpected error", state.label)
@@ -145,10 +142,12 @@ class Chain:
             else:
                 self._served(state)
                 return result, generation
+            failed += 1
             if request.cancelled.is_set():  # stopped because the caller left: says nothing of the backend
                 continue
             self._failed(state, reasons[i])
-        raise AllBackendsFailed([(self.states[i].label, reasons[i]) for i in sorted(reasons)])
+        raise AllBackendsFailed([(self.states[i].label, reasons[i]) for i in sorted(reasons)],
+                                busy=bool(busy) and not failed)
 
     def _ask(self, state: BackendState, request: Request, accept: Callable[[Generation], T]) -> tuple[T, Generation]:
         """One backend's answer, with one retry when accept() rejects it and time is left."""

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from backends.base import BackendError, Health, ModelInfo, Request
+from backends.base import BackendError, DeadlineExceeded, Health, ModelInfo, Request
 from backends.remote import Failure, RemoteBackend, RemoteSettings, Reply, redact, register_secret
 
 STDERR_TAIL = 500
@@ -54,10 +54,6 @@ class CustomSettings(RemoteSettings):
         if bad:
             raise ValueError(f"not environment variable names: {', '.join(map(repr, bad))}")
         return names
-
-
-class CommandTimedOut(Exception):
-    pass
 
 
 def _environment(pass_env: list[str], label: str) -> dict[str, str]:
@@ -125,8 +121,8 @@ class CustomCommandBackend(RemoteBackend):
             with contextlib.suppress(ProcessLookupError):  # it may have exited just now
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            raise CommandTimedOut(f"the command did not answer within {timeout:.1f} s (backends timeout_s or "
-                                  f"the request deadline)") from None
+            raise DeadlineExceeded(f"the command did not answer within {timeout:.1f} s (backends timeout_s or the "
+                                   f"request deadline)") from None
         if proc.returncode != 0:
             tail = redact(err.decode("utf-8", errors="replace"))[-STDERR_TAIL:].strip()
             raise BackendError(f"{self.name}: the command exited with status {proc.returncode}: "
@@ -147,7 +143,7 @@ class CustomCommandBackend(RemoteBackend):
         return self._run(payload, timeout)
 
     def classify(self, error: Exception) -> Failure | None:
-        return Failure(str(error), transient=True) if isinstance(error, CommandTimedOut) else None
+        return Failure(str(error), transient=True) if isinstance(error, DeadlineExceeded) else None
 
     def parse(self, response: dict[str, Any]) -> Reply:
         model = response.get("model")
@@ -159,8 +155,10 @@ class CustomCommandBackend(RemoteBackend):
         """Run the command on a tiny request: the only honest check of a program we know nothing about."""
         try:
             answer = self._run({**HEALTH_REQUEST, "seconds_left": self.timeout_s}, self.timeout_s)
-        except (BackendError, CommandTimedOut) as e:
-            return Health(False, f"{self.name}: {e}" if isinstance(e, CommandTimedOut) else str(e))
+        except DeadlineExceeded as e:
+            return Health(False, f"{self.name}: {e}")
+        except BackendError as e:
+            return Health(False, str(e))
         if not answer["text"].strip():
             return Health(False, f"{self.name}: the command answered a tiny request with empty text")
         return Health(True, f"{self.where} answered a tiny request ({len(answer['text'])} characters)")

@@ -9,6 +9,7 @@ current load requires (backends/sizing.py). The request's deadline is the hard l
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -31,13 +32,15 @@ from backends.constraint import Vocabulary
 from backends.llama_build import system_info
 from backends.sizing import CharCost, Cost, fit_schema, shrink, strings_in, worst_case
 from models import fit
+from miner.errors import ModelError
 from models.catalog import load_profile
 from models.embedded import DISPLAY_NAME, EmbeddedModelMissing, embedded_model_path
 
 log = logging.getLogger(__name__)
 
-GET_A_MODEL = ("get one with `.venv/bin/python scripts/download_model.py llama-3.1-8b` (or convert your own with "
-               "scripts/convert_model.py), or leave model_path empty to use the embedded demo model")
+GET_A_MODEL = ("get one with `.venv/bin/storynet-miner download llama-3.1-8b` (it prints the model_path to use; or "
+               "convert your own with `storynet-miner convert`), or leave model_path empty to use the embedded "
+               "demo model")
 # What one request needs of the KV cache: its prompt, and the longest answer the miner must be able to
 # write at its floors (a 1000-character chapter with its title and choices) in the densest script.
 PROMPT_CELLS, LONGEST_FLOOR_CHARS = 1024, 1200
@@ -72,7 +75,9 @@ class LlamaCppSettings(BackendSettings):
         "weights) or a stream per request (attention over its own cells only; a step of non-consecutive requests "
         "takes several passes). auto: unified when layers are on the GPU, a stream each on the CPU, as measured "
         "(scripts/bench.py's step rows, docs/measurements.md).")
-    seed: int | None = Field(None, ge=0, description="Sampling seed; default: fresh for every request.")
+    seed: int | None = Field(None, ge=0, description="Sampling seed: requests draw with seed, seed + 1, ... in the "
+                             "order they are prepared (a run can be repeated, and identical requests still answer "
+                             "differently); default: a fresh random seed for every request.")
     mmap: bool | Literal["auto"] = Field(
         "auto", description="Map the model file instead of reading it into memory. A mapped file must not be "
         "overwritten in place while the miner runs (the process dies of SIGBUS); mapping lets a model larger "
@@ -189,7 +194,7 @@ class LlamaCppBackend(Backend):
         self.settings = settings
         try:
             profile = load_profile(path)
-        except (ValueError, OSError) as e:
+        except (ModelError, OSError) as e:
             raise BackendError(f"cannot read the GGUF metadata of {path} ({e}); the file may be corrupt or "
                                f"truncated: re-download it, or {GET_A_MODEL}") from None
         if not profile.has_chat_template:  # checked before the load: a rebuild loop must not reload it
@@ -207,6 +212,7 @@ class LlamaCppBackend(Backend):
         try:
             self.model_name = display_name or self.model.meta("general.name") or path.stem
             self.seed = settings.seed
+            self._requests = itertools.count()  # with a seed, request k draws with seed + k
             bos, eos = (self.model.special_token(k) for k in ("bos", "eos"))
             self._bos = self.model.piece(bos).decode(errors="replace") if bos >= 0 else ""
             eos_text = self.model.piece(eos).decode(errors="replace") if eos >= 0 else ""
@@ -371,7 +377,8 @@ class LlamaCppBackend(Backend):
         matcher = self._vocab.matcher(schema) if schema is not None else None
         if matcher is not None and prefix:
             matcher.consume(prefix)
-        seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**31)
+        n = next(self._requests)
+        seed = (self.seed + n) % 2**31 if self.seed is not None else random.SystemRandom().randrange(2**31)
         sampler = ll.SamplerChain(temperature=request.temperature, top_p=request.top_p,
                                   repeat_penalty=request.repeat_penalty, seed=seed)
         return Job(prompt, sampler, matcher, max_tokens, schema=schema, note=note,

@@ -1,7 +1,7 @@
 """Every low-level llama.cpp call the local backend makes, in one module (llama-cpp-python 0.3.36 names).
 
 Why not `llama_cpp.Llama`: it cannot set n_seq_max or choose how the KV cache is split between sequences,
-so it decodes one sequence at a time (../shared/spec/facts.md, "serving several requests"). These wrappers
+so it decodes one sequence at a time (docs/engine.md, "llama.cpp's multi-sequence API"). These wrappers
 own the C objects, free them once, and turn C return codes into exceptions; nothing here knows about
 requests or scheduling.
 """
@@ -12,22 +12,16 @@ import logging
 from collections import deque
 from pathlib import Path
 
-import llama_cpp  # before numpy: the other order made CUDA model loading segfault (facts.md)
+import llama_cpp
 import numpy as np
+
+from miner.errors import LlamaError, NoKvRoom
 
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 ALL_LAYERS = 0x7FFFFFFF  # llama.cpp clamps this to "every layer"
 
 # llama.cpp logs through llama-cpp-python's logger; below ERROR it is load chatter, not news.
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-
-
-class LlamaError(RuntimeError):
-    """llama.cpp refused: a model or context that could not be made, or a failed decode."""
-
-
-class NoKvRoom(LlamaError):
-    """llama_decode found no free KV cells for the batch (return code 1)."""
 
 
 class Model:

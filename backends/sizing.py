@@ -195,20 +195,20 @@ class Speed:
         with self._lock:
             self.prefill_tps += EMA * (tokens / seconds - self.prefill_tps)
 
-    def seconds(self, cost: Cost, prompt_tokens: int, n: int, context: float | None = None) -> float:
+    def seconds(self, cost: Cost, prompt_tokens: int, n: int, cells: float | None = None) -> float:
         """The time of an answer (or what is left of one) at n sequences: its sampled tokens a step each,
-        its forced ones riding along, the prompt tokens still to evaluate. Its context grows from `context`
-        cells (default: the prompt) by the answer, so its steps cost, on average, what a step costs halfway;
-        the other sequences are taken alike."""
-        held = prompt_tokens if context is None else context
-        cells = n * (held + cost.tokens / 2)
-        return cost.sampled * self.step_s(n, cells) + cost.forced * self.forced_s + prompt_tokens / self.prefill_tps
+        its forced ones riding along, the prompt tokens still to evaluate. The steps attend to `cells` KV
+        cells at first (default: n prompts like this one), and each sequence grows by about the answer's
+        length, so its steps cost, on average, what a step costs halfway."""
+        start = n * prompt_tokens if cells is None else cells
+        middle = start + n * cost.tokens / 2
+        return cost.sampled * self.step_s(n, middle) + cost.forced * self.forced_s + prompt_tokens / self.prefill_tps
 
     def planned(self, cost: Cost, prompt_tokens: int, n: int, prefill_share: float,
-                context: float | None = None) -> float:
+                cells: float | None = None) -> float:
         """What an answer is planned to take: its time at n sequences, with the margin, while other
         requests' prompts take `prefill_share` of the time."""
-        return self.seconds(cost, prompt_tokens, n, context) * PLAN_MARGIN / (1 - prefill_share)
+        return self.seconds(cost, prompt_tokens, n, cells) * PLAN_MARGIN / (1 - prefill_share)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

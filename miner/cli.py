@@ -1,4 +1,9 @@
-"""`python -m miner COMMAND`: run, demo, generate, health, fit."""
+"""The miner's one front door: `storynet-miner COMMAND` (or `python -m miner COMMAND`).
+
+Every command an operator runs is a subcommand here, with its flags and the one exit-code table below. A
+command's module says its flags (`arguments(parser)`) and does the work (`command(args) -> int`); it is
+imported only when that command runs, so `health` does not load bittensor and `--help` is quick.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,14 +12,46 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
 
 from miner.config import Config, load_config
-from miner.errors import ConfigError, StartupError
+from miner.errors import ConfigError, MinerError
 
 log = logging.getLogger("miner")
+
+PROG = "storynet-miner"
+EXIT_CODES = """exit codes (every command):
+  0    done (health: healthy, the first backend in the YAML serves)
+  1    done, but not good: an answer broke the contract (generate, demo); health: degraded (only a fallback
+       serves, or validators cannot reach the miner: alert, do not restart)
+  2    could not do it: a flag, the config, a file, a model, a key, the chain or the start; the message says
+       what to fix (health: down, no backend can serve or no running miner answered: restart)
+  130  interrupted (Ctrl-C); a download resumes when run again"""
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    module: str  # holds arguments(parser) and command(args), or the names below
+    arguments: str = "arguments"
+    command: str = "command"
+
+
+COMMANDS = {
+    "run": Command("serve validators until SIGINT/SIGTERM", "miner.cli", "run_arguments", "cmd_run"),
+    "demo": Command("answer all four tasks through a real Axon and Dendrite on 127.0.0.1", "miner.cli",
+                    "demo_arguments", "cmd_demo"),
+    "generate": Command("print one task's output_data JSON", "miner.cli", "generate_arguments", "cmd_generate"),
+    "health": Command("check config, backends and a running miner", "miner.health"),
+    "fit": Command("plan GPU offload for a model and a VRAM budget", "models.fit"),
+    "download": Command("download a catalog model's Q4 GGUF file(s)", "models.download"),
+    "convert": Command("convert a Hugging Face checkpoint to a Q4 GGUF file", "models.hf_to_gguf"),
+    "bench": Command("the miner's speed against raw llama.cpp on the same model", "miner.bench"),
+    "loadtest": Command("replay the subnet's validators against a miner", "miner.loadtest"),
+}
 
 # Chain settings take bittensor's flag names; each maps onto a dotted config key.
 CHAIN_FLAGS = ["netuid", "wallet.name", "wallet.hotkey", "wallet.path", "subtensor.network",
@@ -24,8 +61,6 @@ INT_FLAGS = {"netuid", "axon.port", "axon.external_port"}
 
 def _add_config_flags(p: argparse.ArgumentParser, chain: bool = False) -> None:
     p.add_argument("--config", type=Path, help="YAML config (see config.example.yaml); default: built-in defaults")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="overrides log_level in the config (default INFO)")
     if chain:
         for flag in CHAIN_FLAGS:
             p.add_argument(f"--{flag}", dest=flag, type=int if flag in INT_FLAGS else str, metavar="VALUE",
@@ -96,54 +131,65 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0 if answer.ok else 1
 
 
-# Commands whose own module parses the rest of the line.
-DELEGATED = {"health": "miner.health:main", "fit": "models.fit:main"}
+def run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offline", action="store_true", help="loopback only, no chain, allowlisted hotkeys")
+    _add_config_flags(p, chain=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m miner", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="serve validators until SIGINT/SIGTERM")
-    run.add_argument("--offline", action="store_true", help="loopback only, no chain, allowlisted hotkeys")
-    _add_config_flags(run, chain=True)
-    run.set_defaults(func=cmd_run)
-    demo = sub.add_parser("demo", help="answer all four tasks through a real Axon and Dendrite on 127.0.0.1")
-    demo.add_argument("--input", default=None, help="story request (default: an English one, for the demo model)")
-    _add_config_flags(demo)
-    demo.set_defaults(func=cmd_demo)
-    gen = sub.add_parser("generate", help="print one task's output_data JSON")
-    gen.add_argument("--task", required=True, choices=["blueprint", "characters", "story_arc", "chapters"])
-    gen.add_argument("--input", required=True, help="the story request")
-    gen.add_argument("--context", type=Path, help="JSON with blueprint, characters (a list, as in protocol 3.2.1, "
-                     "or 3.2.0's {\"characters\": [...]}), story_arc, chapter_ids; default: the built-in example")
-    _add_config_flags(gen)
-    gen.set_defaults(func=cmd_generate)
-    sub.add_parser("health", help="check config, backends and a running miner (health --help)")
-    sub.add_parser("fit", help="plan GPU offload for a model and a VRAM budget (fit --help)")
+def demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", default=None, help="story request (default: an English one, for the demo model)")
+    _add_config_flags(p)
+
+
+def generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=["blueprint", "characters", "story_arc", "chapters"])
+    p.add_argument("--input", required=True, help="the story request")
+    p.add_argument("--context", type=Path, help="JSON with blueprint, characters (a list, as in protocol 3.2.1, "
+                   "or 3.2.0's {\"characters\": [...]}), story_arc, chapter_ids; default: the built-in example")
+    _add_config_flags(p)
+
+
+def _entry(command: Command, name: str) -> Callable[..., Any]:
+    return getattr(import_module(command.module), name)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command with its help line; `command`'s own flags too (its module is imported for them)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, entry in COMMANDS.items():
+        p = sub.add_parser(name, help=entry.help, description=entry.help, epilog=EXIT_CODES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="what is logged to stderr (run, demo, generate: overrides log_level in the config)")
+        if name == command:
+            _entry(entry, entry.arguments)(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        code = _dispatch(sys.argv[1:] if argv is None else argv)
+        code = _dispatch(argv)
         sys.stdout.flush()
     except BrokenPipeError:  # the reader left early (`fit | head`): stop quietly, as the Python docs advise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit must not fail again
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return code
 
 
 def _dispatch(argv: list[str]) -> int:
-    if argv and argv[0] in DELEGATED:
-        logging.basicConfig(level="INFO", stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-        module_name, fn = DELEGATED[argv[0]].split(":")
-        return getattr(import_module(module_name), fn)(argv[1:])
-    args = build_parser().parse_args(argv)
+    named = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(named if named in COMMANDS else None).parse_args(argv)
     logging.basicConfig(level=args.log_level or "INFO", stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from backends.base import BackendError
+    entry = COMMANDS[args.command]
     try:
-        return args.func(args)
-    except (ConfigError, StartupError, BackendError) as e:
+        return _entry(entry, entry.command)(args)
+    except MinerError as e:  # a refusal with its fix; anything else is a bug and keeps its traceback
         log.error("%s", e)
         return 2

@@ -6,6 +6,7 @@ names the key, e.g. `backends.0.n_ctx: Input should be greater than or equal to 
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -112,8 +113,17 @@ class HealthSettings(_Strict):
     interval_s: float = Field(60.0, ge=5, le=3600, description="How often the running miner re-checks its backends.")
 
 
+def default_models_dir() -> str:
+    """$XDG_DATA_HOME/storynet-miner/models, else ~/.local/share/storynet-miner/models: weights of many
+    gigabytes live outside the code (models/ holds the code that handles them)."""
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join("~", ".local", "share")
+    return os.path.join(data, "storynet-miner", "models")
+
+
 class Config(_Strict):
     netuid: int = Field(92, ge=0, le=65535, description="Subnet id (bittensor --netuid).")
+    models_dir: str = Field(default_factory=default_models_dir, description="Where `download` puts GGUF files "
+                            "(backends' model_path may point anywhere, the repository's models/ included).")
     wallet: WalletSettings = Field(default_factory=WalletSettings)
     subtensor: SubtensorSettings = Field(default_factory=SubtensorSettings)
     axon: AxonSettings = Field(default_factory=AxonSettings)

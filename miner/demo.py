@@ -19,15 +19,13 @@ from bittensor_wallet import Wallet
 
 from miner import examples
 from miner.config import Config
+from miner.contract import VALIDATOR_TIMEOUT_S, answer_of, error_of
 from miner.neuron import Miner, no_public_ip_lookup
 from miner.protocol import StoryGenerationSynapse
 from miner.service import StoryService
 from miner.tasks import TASKS, ContractError, Context
 
 log = logging.getLogger(__name__)
-
-VALIDATOR_TIMEOUT_S = 60  # what validators pass to the Dendrite
-META_KEYS = ("model_info", "generation_time")
 
 
 def make_wallet(path: str, name: str) -> Wallet:
@@ -57,10 +55,10 @@ def start_offline_miner(config: Config, service, wallet_dir: str, allowed: list[
 def _contract_check(task: str, answer: Any, ctx: Context) -> str | None:
     if not isinstance(answer, dict):
         return f"no JSON object came back ({type(answer).__name__})"
-    if "error" in answer:
-        return answer["error"]
+    if error := error_of(answer):
+        return f"{error[1]} ({error[0]})"
     try:
-        TASKS[task].check({k: v for k, v in answer.items() if k not in META_KEYS}, ctx)
+        TASKS[task].check(answer_of(answer), ctx)
     except ContractError as e:
         return str(e)
     return None
@@ -94,7 +92,7 @@ def run_demo(config: Config, user_input: str | None = None) -> int:
                 print(json.dumps(answer, ensure_ascii=False, indent=2))
                 sys.stdout.flush()
                 if problem is None and task != "chapters":
-                    answer = {k: v for k, v in answer.items() if k not in META_KEYS}
+                    answer = answer_of(answer)
                     # what the next request carries: 3.2.1 sends the cast as a bare list
                     context[task] = answer["characters"] if task == "characters" else answer
         finally:

@@ -66,7 +66,7 @@ def example_fields(task_type: str, user_input: str = USER_INPUT, protocol: str =
             "protocol_version": protocol}
 
 
-# The subnet's validators, as they query today (../shared/spec/protocol.md): one of eight Chinese prompts,
+# The subnet's validators, as they query today (docs/protocol.md): one of eight Chinese prompts,
 # a task drawn 40/25/25/10 from the block number, and the same small fixed mock context every time, in
 # English since 3.2.1 (3.2.0 sent the same shapes in Chinese, the cast wrapped in an object).
 VALIDATOR_PROMPTS = ("一个关于赛博朋克黑客的故事", "一个关于太空探险的故事", "一个古代武侠传奇故事",

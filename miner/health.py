@@ -185,15 +185,16 @@ def _not_running(port: int, wait: float) -> str:
     return f"no running miner answered GET http://{LOOPBACK}:{port}/health within {wait:g} s"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m miner health", description=__doc__.split("\n\n")[0],
-                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML config (default: built-in defaults)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for a running miner's GET /health")
     parser.add_argument("--running", action="store_true", help="ask only the running miner (for watchdogs): "
                         "no answer is down (exit 2); the backends are never built here")
-    args = parser.parse_args(argv)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Is the miner serving: the config, each backend, a running miner's own report."""
     source = str(args.config) if args.config else "defaults"
     try:
         config = load_config(args.config)

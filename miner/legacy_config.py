@@ -33,11 +33,11 @@ def _local(old: dict[str, Any], notes: list[str], section: str) -> dict[str, Any
     if known is not None:
         entry["model_path"] = f"models/{known.quant('Q4_K_M').files[0]}"
         notes.append(f"{section}.model_name {repo}: the miner runs its Q4 GGUF in llama.cpp; get it with "
-                     f"`.venv/bin/python scripts/download_model.py {known.name}`")
+                     f"`.venv/bin/storynet-miner download {known.name} --dir models`")
     elif repo:
         entry["model_path"] = f"models/{repo.split('/')[-1]}-Q4_K_M.gguf"
-        notes.append(f"{section}.model_name {repo}: not in the catalog; make its Q4 GGUF with `.venv/bin/python "
-                     f"scripts/convert_model.py {repo} --out {entry['model_path']}`")
+        notes.append(f"{section}.model_name {repo}: not in the catalog; make its Q4 GGUF with "
+                     f"`.venv/bin/storynet-miner convert {repo} --out {entry['model_path']}`")
     if old.get("device") == "cpu":
         entry["n_gpu_layers"] = 0
     if old.get("max_memory"):

@@ -30,7 +30,8 @@ from miner.health import Check
 from miner.health_monitor import HealthMonitor
 from miner.protocol import StoryGenerationSynapse, unknown_model_info
 from miner.reachability import Endpoint
-from miner.service import VALIDATOR_TIMEOUT_S, Answer, StoryService, clean_text
+from miner.contract import VALIDATOR_TIMEOUT_S, error_answer
+from miner.service import Answer, StoryService, clean_text
 from miner.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class Miner:
             self._in_flight += 1
         try:
             if self._closing:
-                answer = Answer({"error": SHUTTING_DOWN}, time.monotonic() - arrived)
+                answer = Answer(error_answer("busy", SHUTTING_DOWN), time.monotonic() - arrived)
             else:
                 answer = await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(
                     self.service.answer, fields, synapse.timeout, known.stake if known else 0.0, arrived,

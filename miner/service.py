@@ -14,13 +14,14 @@ from typing import Any
 from backends.base import BackendError, Generation, Request
 from backends.chain import Chain
 from miner.config import GenerationSettings
-from miner.tasks import TASKS, Context, TaskInputError, TaskSpec, parse_json_object
+from miner.contract import VALIDATOR_TIMEOUT_S, error_answer, with_miner_fields
+from miner.errors import AllBackendsFailed
+from miner.tasks import TASKS, Context, Task, TaskInputError, parse_json_object
 from miner.tasks.common import language_sample
 
 log = logging.getLogger(__name__)
 
 MAX_CHAPTER_ID = 100
-VALIDATOR_TIMEOUT_S = 60.0  # what validators give a request; also the default outside the Axon
 # A longer timeout is read as this: validators wait 60 s, and an answer planned for longer would hold a
 # decoding slot for minutes, most likely for a caller that has long stopped waiting.
 MAX_TIMEOUT_S = 600.0
@@ -160,7 +161,7 @@ def check_timeout(value: Any) -> float:
     return float(min(value, MAX_TIMEOUT_S))  # min first: an int may be too large for a float
 
 
-def prepare(fields: dict[str, Any], s: GenerationSettings) -> tuple[TaskSpec, Context]:
+def prepare(fields: dict[str, Any], s: GenerationSettings) -> tuple[Task, Context]:
     """Validate a request's fields into a task spec and its context; raise TaskInputError if unusable."""
     task_type = fields.get("task_type")
     if not isinstance(task_type, str) or task_type not in TASKS:
@@ -184,10 +185,10 @@ class StoryService:
         self.chain = chain
         self.settings = settings
 
-    def prepare(self, fields: dict[str, Any]) -> tuple[TaskSpec, Context]:
+    def prepare(self, fields: dict[str, Any]) -> tuple[Task, Context]:
         return prepare(fields, self.settings)
 
-    def request_for(self, spec: TaskSpec, ctx: Context, deadline: float, target: float,
+    def request_for(self, spec: Task, ctx: Context, deadline: float, target: float,
                     priority: float = 0.0, cancelled: threading.Event | None = None) -> Request:
         language = self.settings.language
         schema = spec.schema(ctx)
@@ -216,12 +217,13 @@ class StoryService:
                 request, lambda g: spec.check(parse_json_object(g.text), ctx))
         except (TaskInputError, BackendError) as e:
             log.warning("request failed: %s", e)
-            return Answer({"error": str(e)}, time.monotonic() - start)
+            kind = ("input" if isinstance(e, TaskInputError) else
+                    "busy" if isinstance(e, AllBackendsFailed) and e.busy else "failed")
+            return Answer(error_answer(kind, str(e)), time.monotonic() - start)
         except Exception as e:  # a bug must cost one answer, never the miner: say so, log the trace
             log.exception("request failed unexpectedly")
-            return Answer({"error": f"internal error ({type(e).__name__}); the miner's log has the details"},
-                          time.monotonic() - start)
+            return Answer(error_answer("internal", f"internal error ({type(e).__name__}); the miner's log has "
+                                                   f"the details"), time.monotonic() - start)
         seconds = time.monotonic() - start
         info = generation.model.to_wire()
-        output = {**output, "model_info": info, "generation_time": round(seconds, 3)}
-        return Answer(output, seconds, info, generation)
+        return Answer(with_miner_fields(output, info, seconds), seconds, info, generation)

@@ -34,7 +34,7 @@ def check_model(config: Config, offline: bool, source: str) -> None:
         raise StartupError(
             f"{source}: backends.{demo[0]} has no model_path, so validators on netuid {config.netuid} would get "
             f"answers from the embedded demo model (SmolLM2-135M, made for trying the miner out): set "
-            f"backends.{demo[0]}.model_path to a GGUF file (`.venv/bin/python scripts/download_model.py "
+            f"backends.{demo[0]}.model_path to a GGUF file (`.venv/bin/storynet-miner download "
             f"llama-3.1-8b` prints the lines), or set {NO_DEMO_KEY}: true to mine with the demo model anyway")
 
 

@@ -8,10 +8,11 @@ for planning before a file exists (`fit --model NAME`), never for verification.
 """
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from miner.errors import ModelError, UnknownModelError
 
 GB = 10**9  # the hub shows decimal gigabytes
 
@@ -49,7 +50,7 @@ class ModelEntry:
     display_name: str
     arch: str                 # GGUF general.architecture
     chat_format: str          # llama-cpp-python chat_format (the GGUF also embeds its template)
-    source_repo: str          # original checkpoint, for scripts/convert_model.py
+    source_repo: str          # original checkpoint, for `storynet-miner convert`
     source_gated: bool        # the original repo needs a login and an accepted license
     license: str
     shape: Shape
@@ -61,11 +62,6 @@ class ModelEntry:
                 return q
         have = ", ".join(q.quant for q in self.quants)
         raise UnknownModelError(f"{self.name}: no {name} file in the catalog; choose one of: {have}")
-
-
-class UnknownModelError(KeyError):
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0])
 
 
 _LLAMA_8B = "bartowski/Meta-Llama-3.1-8B-Instruct-GGUF"
@@ -223,8 +219,8 @@ def load_profile(model: str | Path, quant: str = "Q4_K_M") -> Profile:
                        s.n_head_kv, s.head_dim, s.head_dim, s.n_vocab,
                        estimate_layout(s, q.quant, legacy_moe_mix=q.legacy_moe_mix),
                        s.n_expert, s.n_expert_used)
-    raise FileNotFoundError(f"{model}: no such GGUF file and not a catalog name ({', '.join(MODELS)}); "
-                            "download one with: .venv/bin/python scripts/download_model.py NAME")
+    raise ModelError(f"{model}: no such GGUF file and not a catalog name ({', '.join(MODELS)}); "
+                            "download one with: .venv/bin/storynet-miner download NAME")
 
 
 def _gguf_parts(path: Path) -> list[Path]:
@@ -234,17 +230,18 @@ def _gguf_parts(path: Path) -> list[Path]:
     parts = [path.with_name(f"{m[1]}-{i:05d}-of-{m[2]}.gguf") for i in range(1, int(m[2]) + 1)]
     for part in parts:
         if not part.is_file():
-            raise FileNotFoundError(f"{part}: this part of the split model is missing; download every "
-                                    "part with scripts/download_model.py")
+            raise ModelError(f"{part}: this part of the split model is missing; download every "
+                             "part with `.venv/bin/storynet-miner download NAME`")
     return parts
 
 
 def _profile_from_gguf(path: Path) -> Profile:
-    # llama_cpp before numpy (which gguf imports): the other order made CUDA loads segfault (docs/measurements.md)
-    with contextlib.suppress(ImportError):
-        import llama_cpp  # noqa: F401
     from gguf import GGUFReader
-    readers = [GGUFReader(p) for p in _gguf_parts(path)]
+    try:
+        readers = [GGUFReader(p) for p in _gguf_parts(path)]
+    except ValueError as e:  # gguf-py's word for a file that is not GGUF, or is cut short
+        raise ModelError(f"{path}: not a readable GGUF file ({e}); it may be corrupt or half-downloaded: "
+                         f"download it again") from None
     fields = readers[0].fields
 
     def meta(key: str, default=None):
@@ -252,7 +249,7 @@ def _profile_from_gguf(path: Path) -> Profile:
 
     arch = meta("general.architecture")
     if arch is None or f"{arch}.block_count" not in fields:
-        raise ValueError(f"{path}: no general.architecture / block_count metadata; is it a llama.cpp GGUF?")
+        raise ModelError(f"{path}: no general.architecture / block_count metadata; is it a llama.cpp GGUF?")
     n_layer, n_embd = int(meta(f"{arch}.block_count")), int(meta(f"{arch}.embedding_length"))
     n_head = int(meta(f"{arch}.attention.head_count"))
     n_head_kv = meta(f"{arch}.attention.head_count_kv", n_head)

@@ -1,5 +1,11 @@
 """Download a catalog model's GGUF files from the Hugging Face Hub, resumably and verified.
 
+    storynet-miner download llama-3.1-8b [--quant Q4_K_M] [--dir DIR] [--json]
+    storynet-miner download --list
+
+The config lines that select the file (or --json) go to stdout; progress and messages to stderr. The
+files go to the config's models_dir unless --dir says otherwise.
+
 Each file is fetched with huggingface_hub's own client (metadata HEAD, auth headers, progress bar,
 in-run retries with Range) into `<dir>/<file>.<sha-prefix>.part`, checked against the SHA-256 the hub
 publishes for LFS files, then renamed into place. huggingface_hub 2.x's `hf_hub_download` deletes its
@@ -8,6 +14,7 @@ our own `.part` file lets the next run continue where the last one stopped.
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import glob
 import hashlib
@@ -22,37 +29,22 @@ from typing import Callable
 from urllib.parse import urlparse
 
 import httpx2
+from filelock import FileLock, Timeout
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryNotFoundError,
                                     RevisionNotFoundError)
 from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers
 
+from miner.config import default_models_dir
+from miner.errors import (ChecksumMismatchError, ConfigError, DownloadError, DownloadInterruptedError,
+                          GatedRepoAccessError, NotEnoughDiskError)
+from models import catalog
 from models.catalog import Quant
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PLAIN_YAML = re.compile(r"[A-Za-z0-9_./-]+")
 Log = Callable[[str], None]
-
-
-class DownloadError(RuntimeError):
-    """A download that cannot go on; the message says what to do next."""
-
-
-class GatedRepoAccessError(DownloadError):
-    pass
-
-
-class NotEnoughDiskError(DownloadError):
-    pass
-
-
-class ChecksumMismatchError(DownloadError):
-    pass
-
-
-class DownloadInterruptedError(DownloadError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -157,6 +149,22 @@ def _verify(r: RemoteFile, path: Path, final: Path, log: Log) -> None:
 
 
 def _fetch(r: RemoteFile, dest: Path, token: str | None, log: Log) -> Path:
+    """One process at a time per file (huggingface_hub downloads under a file lock too): two downloads of
+    the same file would append to one .part file in turns. The second waits, then finds the file done."""
+    final = dest / r.filename
+    lock = FileLock(str(final) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"{final}: another download of this file is running; waiting for it")
+        lock.acquire()
+    try:
+        return _fetch_alone(r, dest, token, log)
+    finally:
+        lock.release()
+
+
+def _fetch_alone(r: RemoteFile, dest: Path, token: str | None, log: Log) -> Path:
     final = dest / r.filename
     if _done(r, dest):
         _verify(r, final, final, log)
@@ -214,3 +222,46 @@ def yaml_snippet(model_path: Path) -> str:
         shown = json.dumps(shown)  # a JSON string is a valid double-quoted YAML scalar
     return (f"backends:\n  - type: llama_cpp\n    model_path: {shown}\n"
             "    n_gpu_layers: auto\n")
+
+
+def _catalog_table() -> str:
+    rows = [("name", "quant", "size", "repo", "files", "source gated")]
+    for m in catalog.MODELS.values():
+        for q in m.quants:
+            approx = "~" if q.size_source == "estimate" else ""
+            rows.append((m.name, q.quant, f"{approx}{q.total_bytes / 1e9:.2f} GB", q.repo,
+                         str(len(q.files)), "yes" if m.source_gated else "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help=f"one of: {', '.join(catalog.MODELS)}")
+    p.add_argument("--quant", default="Q4_K_M", help="Q4_K_M (default) or Q4_0")
+    p.add_argument("--dir", type=Path, help="where to put the file(s) (default: models_dir of --config, "
+                                            f"else {default_models_dir()})")
+    p.add_argument("--config", type=Path, help="the miner's YAML, for its models_dir")
+    p.add_argument("--revision", default="main", help="branch, tag or commit of the GGUF repo")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of YAML")
+    p.add_argument("--list", action="store_true", help="list the catalog and exit")
+
+
+def command(args: argparse.Namespace) -> int:
+    if args.list:
+        print(_catalog_table())
+        return 0
+    if not args.name:
+        raise ConfigError(f"give a model name ({', '.join(catalog.MODELS)}) or --list")
+    from miner.config import load_config
+    folder = (args.dir or Path(load_config(args.config).models_dir)).expanduser()
+    entry = catalog.get(args.name)
+    quant = entry.quant(args.quant)
+    _stderr(f"downloading {entry.name} {quant.quant} into {folder}")
+    paths = download_quant(quant, folder, revision=args.revision)
+    snippet = yaml_snippet(paths[0])
+    if args.json:
+        print(json.dumps({"model": entry.name, "quant": quant.quant, "repo": quant.repo, "dir": str(folder),
+                          "files": [str(p) for p in paths], "model_path": str(paths[0]), "yaml": snippet}, indent=2))
+    else:
+        print(snippet, end="")
+    return 0

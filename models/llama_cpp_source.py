@@ -25,13 +25,11 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from miner.errors import SourceError
+
 log = logging.getLogger(__name__)
 PACKAGE = "llama-cpp-python"
 VENDORED = "vendor/llama.cpp/"  # llama.cpp's root inside the sdist's top folder
-
-
-class SourceError(Exception):
-    """llama.cpp's sources could not be had; the message says what to run."""
 
 
 def default_cache() -> Path:

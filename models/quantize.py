@@ -1,17 +1,15 @@
 """Quantizing a GGUF file with llama.cpp's own quantizer (`llama_model_quantize`)."""
 from __future__ import annotations
 
-import llama_cpp  # isort: skip  (before numpy: the other order made CUDA model loading segfault)
-
 import ctypes
 from pathlib import Path
 
+import llama_cpp
+
+from miner.errors import QuantizeError
+
 FTYPES = {"Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
           "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
-
-
-class QuantizeError(Exception):
-    """llama.cpp refused to quantize; its log says which tensor."""
 
 
 def quantize(src: Path, dest: Path, quant: str, threads: int = 0) -> None:

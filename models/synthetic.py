@@ -1,7 +1,7 @@
 """A GGUF file with a real model's shapes and tokenizer but random weights, written straight in its final
 quantized types.
 
-Speed and memory depend on shapes, not on weight values (facts.md), so a Llama-3.1-8B-shaped Q4_K_M file
+Speed and memory depend on shapes, not on weight values (docs/measurements.md), so a Llama-3.1-8B-shaped Q4_K_M file
 written here stands in for the 5 GB download on a machine that reaches no model hub (the GPU check). Each
 tensor gets the ggml type llama.cpp's quantizer would give it (models.catalog.MIXES: Q4_K, with Q6_K for the
 output and for attn_v and ffn_down in the layers it treats as sensitive; norms F32) and is filled with

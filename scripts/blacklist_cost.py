@@ -14,21 +14,19 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bittensor as bt  # noqa: E402
-from bittensor_wallet import Keypair  # noqa: E402
+import bittensor as bt
+from bittensor_wallet import Keypair
 
-from backends.chain import BackendState, Chain  # noqa: E402
-from miner.config import BlacklistSettings, Config  # noqa: E402
-from miner.demo import make_wallet  # noqa: E402
-from miner.neuron import Miner  # noqa: E402
-from miner.protocol import StoryGenerationSynapse  # noqa: E402
-from miner.service import StoryService  # noqa: E402
+from backends.chain import BackendState, Chain
+from miner.config import BlacklistSettings, Config
+from miner.demo import make_wallet
+from miner.neuron import Miner
+from miner.protocol import StoryGenerationSynapse
+from miner.service import StoryService
 
 UIDS = 256
 BIG_VALIDATORS = range(64)  # 1000 TAO and a permit

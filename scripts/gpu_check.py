@@ -30,8 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the steps run from here, with the project on PYTHONPATH
 
 VRAM_GB = 6.0
 PARTIAL_VRAM_GB = 4.0  # partial offload: about 45 tok/s on an H100, a 6 GB consumer card's speed
@@ -174,18 +173,19 @@ def judge_clock(clock: dict) -> tuple[bool, str]:
     return ok, "; ".join(parts) + f" (agree within {CLOCK_TOLERANCE:.0%})"
 
 
-def decode_rate(generation) -> float:
-    """Tokens the answer sampled a second, from its first token to its end: a step samples one token per
-    sequence, so this is the step rate the answer saw (forced text rides along in the same steps)."""
+def decode_rate(generation) -> float | None:
+    """Tokens the answer drew a second, from its first token to its end: a step draws one token per sequence,
+    so this is the step rate the answer saw (forced text rides along in the same steps). None for an answer
+    that had no steps to speak of."""
+    if generation is None or generation.first_token_s is None or generation.seconds <= generation.first_token_s:
+        return None
     return (generation.completion_tokens - generation.forced_tokens) / (generation.seconds - generation.first_token_s)
 
 
 def cmd_serve(args) -> int:
     """In its own process: load with the 6 GiB plan, measure what that added, answer each task once, then
     `parallel` requests at once, and set the rates the answers ran at beside the speed the warm-up learned."""
-    before = vram_used_mib()
-    import llama_cpp  # noqa: F401  (before numpy: the other order made CUDA loading segfault)
-
+    before = vram_used_mib()  # before anything of llama.cpp loads
     from backends.chain import BackendState, Chain
     from backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
     from miner import examples
@@ -201,17 +201,17 @@ def cmd_serve(args) -> int:
     def answer(task: str, prompt: int):
         return task, service.answer(examples.validator_fields(task, examples.VALIDATOR_PROMPTS[prompt]))
 
-    alone = [answer(task, 0) for task in TASKS]
-    with ThreadPoolExecutor(backend.parallel) as pool:
-        together = list(pool.map(lambda k: answer("characters", k % 8), range(backend.parallel)))
+    batches = [(1, [answer(task, 0) for task in TASKS])]
+    if backend.parallel > 1:
+        with ThreadPoolExecutor(backend.parallel) as pool:
+            batches.append((backend.parallel, list(pool.map(lambda k: answer("characters", k % 8),
+                                                            range(backend.parallel)))))
     answers = [{"task": task, "valid": a.ok, "seconds": round(a.seconds, 2), "at_once": at_once,
                 "tokens": a.generation.completion_tokens if a.generation else 0,
                 "forced": a.generation.forced_tokens if a.generation else 0,
-                "tok_s": round(decode_rate(a.generation), 1) if a.generation else None,
-                "error": a.output.get("error")}
-               for at_once, batch in ((1, alone), (backend.parallel, together)) for task, a in batch]
-    decoded = {1: [decode_rate(a.generation) for _, a in alone if a.generation],
-               backend.parallel: [decode_rate(a.generation) for _, a in together if a.generation]}
+                "tok_s": decode_rate(a.generation), "error": a.output.get("error")}
+               for at_once, batch in batches for task, a in batch]
+    decoded = {n: [r for _, a in batch if (r := decode_rate(a.generation)) is not None] for n, batch in batches}
     by_n = learned["decode_tok_s_by_sequences"]
     clock = {n: {"learned_tok_s": by_n[n],
                  # one at a time: the typical answer; together: the sum of the answers' rates, all decoding at once
@@ -231,7 +231,7 @@ def cmd_measure(args) -> int:
     reserve = args.loadtest_seconds + LOADTEST_START_S + LOADTEST_END_S  # the validators' step comes next
     started = time.monotonic()
     rows_file = args.out / "bench_rows.jsonl"
-    bench = ["scripts/bench.py", "--model", str(model), "--vram-gb", str(VRAM_GB), "--rows", str(rows_file),
+    bench = ["-m", "miner", "bench", "--model", str(model), "--vram-gb", str(VRAM_GB), "--rows", str(rows_file),
              *args.bench]
     try:
         with (args.out / "bench.txt").open("w") as table, (args.out / "bench.log").open("w") as progress:
@@ -242,8 +242,8 @@ def cmd_measure(args) -> int:
         ok, note = False, f"; stopped: {type(e).__name__} (bench.log)"
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
     report.add("bench", ok, time.monotonic() - started, bench_summary(rows) + note, rows=len(rows))
-    for label, vram in ((f"validators' step, {VRAM_GB:g} GiB plan", VRAM_GB),
-                        (f"validators' step, {PARTIAL_VRAM_GB:g} GiB plan", PARTIAL_VRAM_GB)):
+    for vram in args.plans:
+        label = f"validators' step, {vram:g} GiB plan"
         seconds = min(args.loadtest_seconds, end - time.monotonic() - LOADTEST_START_S - LOADTEST_END_S)
         if seconds < args.loadtest_seconds / 2:
             report.add(label, False, 0.0, f"not reached: {max(end - time.monotonic(), 0):.0f} s were left")
@@ -259,7 +259,7 @@ def loadtest(args, model: Path, vram_gb: float, seconds: float) -> tuple[bool, f
     config = args.work / f"{name}.yaml"
     config.write_text(json.dumps({"backends": [{"type": "llama_cpp", "name": "local", "model_path": str(model),
                                                 "vram_gb": vram_gb}]}))
-    argv = ["scripts/loadtest.py", "--validators", str(args.validators), "--seconds", f"{seconds:.0f}",
+    argv = ["-m", "miner", "loadtest", "--validators", str(args.validators), "--seconds", f"{seconds:.0f}",
             "--config", str(config), "--json", *args.loadtest]
     try:
         with (args.out / f"{name}.log").open("w") as progress:
@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     prove.add_argument("--build-seconds", type=float, default=0.0)
     measure.add_argument("--seconds", type=float, default=285, help="the whole call's budget")
     measure.add_argument("--loadtest-seconds", type=float, default=120)
+    measure.add_argument("--plans", type=lambda v: [float(x) for x in v.split(",")], default=[VRAM_GB, PARTIAL_VRAM_GB],
+                         help="VRAM plans (GiB) the validators' step runs against, in order, while time is left")
     measure.add_argument("--validators", type=int, default=8)
     measure.add_argument("--bench", type=shlex.split, default=BENCH, help="bench.py's arguments (default: the GPU set)")
     measure.add_argument("--loadtest", type=shlex.split, default=[], help="more of loadtest.py's arguments")

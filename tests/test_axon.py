@@ -18,14 +18,14 @@ from miner.config import Config, GenerationSettings
 from miner.demo import make_wallet, start_offline_miner
 from miner.neuron import Miner, no_public_ip_lookup
 from miner.protocol import StoryGenerationSynapse
-from miner.service import VALIDATOR_TIMEOUT_S, StoryService, prepare
+from miner.contract import VALIDATOR_TIMEOUT_S, answer_of
+from miner.service import StoryService, prepare
 from miner.tasks import TASKS, Context
-from tests.test_chain import FakeBackend, chain_of
+from tests.fakes import FakeBackend, chain_of
 from tests.validator_synapses import VALIDATOR_SYNAPSES, read_as_321
 
 pytestmark = pytest.mark.slow  # a real Axon and the embedded model
 
-META = ("model_info", "generation_time")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_each_task_answers_a_320_validator_and_echoes_its_shapes(served, task):
     assert response.is_success, response.dendrite.status_message
     output = response.output_data
     assert "error" not in output, output
-    TASKS[task].check({k: v for k, v in output.items() if k not in META}, prepare(fields, GenerationSettings())[1])
+    TASKS[task].check(answer_of(output), prepare(fields, GenerationSettings())[1])
     assert response.characters == fields["characters"] and isinstance(response.characters, dict)
     assert response.model_info == output["model_info"] and response.model_info["mode"] == "local"
     assert response.generation_time > 0 and response.miner_version
@@ -82,13 +82,14 @@ def test_a_chinese_request_as_validators_send_it(served):
     miner, validator, _ = served
     output = ask(validator, miner, StoryGenerationSynapse(task_type="blueprint", user_input="一个末日生存的故事"),
                  deserialize=True)
-    TASKS["blueprint"].check({k: v for k, v in output.items() if k not in META}, Context(user_input="x"))
+    TASKS["blueprint"].check(answer_of(output), Context(user_input="x"))
 
 
 def test_deserialize_returns_output_data(served):
     miner, validator, _ = served
     synapse = StoryGenerationSynapse(task_type="characters", user_input="x")  # no blueprint: a quick error
-    assert ask(validator, miner, synapse, deserialize=True) == {"error": "task characters needs blueprint; the request has none"}
+    assert ask(validator, miner, synapse, deserialize=True) == {
+        "error": "task characters needs blueprint; the request has none", "error_kind": "input"}
 
 
 def test_allowlist_rejects_an_unknown_hotkey(served):
@@ -197,5 +198,5 @@ def test_concurrent_requests_queue_and_all_answer(served):
     outputs = [r.output_data for r in responses]
     assert all(r.is_success for r in responses)
     for output in outputs:
-        TASKS["blueprint"].check({k: v for k, v in output.items() if k not in META}, Context(user_input="x"))
+        TASKS["blueprint"].check(answer_of(output), Context(user_input="x"))
     assert outputs[0]["title"] != outputs[1]["title"] or outputs[0]["setting"] != outputs[1]["setting"]

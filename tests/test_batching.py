@@ -13,10 +13,10 @@ import pytest
 
 from backends import llama_lowlevel as ll
 from backends.base import BackendBusy, BackendError, Request
-from backends.engine import MAX_BROKEN_STEPS, Job, Load
-from backends.engine.admission import LOAD_WINDOW_S
 from backends.chain import BackendState, Chain
 from backends.constraint import Matcher
+from backends.engine import MAX_BROKEN_STEPS, Job, Load
+from backends.engine.admission import LOAD_WINDOW_S
 from backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
 from backends.sizing import PLAN_MARGIN, Speed, shrink
 from miner import examples
@@ -24,6 +24,7 @@ from miner.config import GenerationSettings
 from miner.service import StoryService
 from miner.tasks import TASKS, Context
 from miner.tasks.common import obj, text
+from tests.fakes import RefusesAfter
 
 pytestmark = pytest.mark.slow  # the embedded model decoding real answers
 
@@ -82,7 +83,7 @@ def test_a_request_that_cannot_fit_even_its_floors_is_refused_at_once(embedded_b
 
 @pytest.fixture(scope="module")
 def single():
-    backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="one", parallel=1))
+    backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="one", parallel=1, seed=1))
     yield backend
     backend.close()
 
@@ -185,20 +186,6 @@ def test_a_retry_continues_from_the_part_worth_keeping(embedded_backend, service
     again = json.loads(retry.text)
     assert again["title"] == answer["title"]
     assert TASKS["blueprint"].check(again, ctx) == again
-
-
-class RefusesAfter(Matcher):
-    """A real matcher that fails after a few tokens, as a constraint bug would."""
-
-    def __init__(self, inner: Matcher, tokens: int):
-        super().__init__(inner.ll, inner.bits.shape[1] * 32)
-        self.left = tokens
-
-    def consume(self, tokens: list[int]) -> None:
-        self.left -= len(tokens)
-        if self.left < 0:
-            raise BackendError("the constraint refused a token: injected")
-        super().consume(tokens)
 
 
 def job_for(backend: LlamaCppBackend, prompt: list[int], matcher: Matcher | None, max_tokens: int = 40) -> Job:
@@ -484,7 +471,7 @@ def test_a_unified_cache_serves_requests_together_and_shares_a_burst_prompt(serv
     different requests decode side by side, valid. Last in this file: a second model decoding in this
     process slows the shared one's steps for a while (OpenMP), and the tests above time their limits."""
     backend = LlamaCppBackend.from_settings(LlamaCppSettings(type="llama_cpp", name="unified", n_ctx=8192,
-                                                             kv_unified=True))
+                                                             kv_unified=True, seed=1))
     try:
         assert backend.ctx.kv_unified and backend.engine.kv.room == 8192 // backend.parallel
         request = validators_request(service, "chapters")[0]

@@ -6,11 +6,9 @@ import asyncio
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import bittensor as bt
-import numpy as np
 import pytest
 from bittensor_wallet import Keypair
 
@@ -23,20 +21,12 @@ from miner.errors import ConfigError
 from miner.neuron import LOOPBACK, Miner, no_public_ip_lookup
 from miner.protocol import StoryGenerationSynapse
 from miner.service import StoryService
-from tests.test_gemini_backend import BLUEPRINT
+from tests.fakes import BLUEPRINT, NETUID, Metagraph, Neuron, Subtensor
 
 
-@dataclass
-class Metagraph:
-    """What CallerTable reads of bittensor's metagraph, with its types: stakes and permits as arrays."""
-    hotkeys: list[str]
-    S: np.ndarray
-    validator_permit: np.ndarray
-
-    @classmethod
-    def of(cls, rows: list[tuple[str, float, bool]]) -> Metagraph:
-        return cls([h for h, _, _ in rows], np.array([s for _, s, _ in rows], dtype=np.float32),
-                   np.array([p for _, _, p in rows], dtype=bool))
+def metagraph_of(rows: list[tuple[str, float, bool]]) -> Metagraph:
+    """What CallerTable reads of the chain: hotkeys, stakes and permits."""
+    return Subtensor([Neuron(hotkey, stake, permit) for hotkey, stake, permit in rows]).metagraph(NETUID)
 
 
 def hotkey(name: str) -> str:
@@ -45,7 +35,7 @@ def hotkey(name: str) -> str:
 
 VALIDATOR, SMALL_VALIDATOR, NO_PERMIT, OPERATOR, STRANGER = (
     hotkey(n) for n in ("validator", "small-validator", "no-permit", "operator", "stranger"))
-METAGRAPH = Metagraph.of([(VALIDATOR, 5000.0, True), (SMALL_VALIDATOR, 40.0, True), (NO_PERMIT, 900.0, False)])
+METAGRAPH = metagraph_of([(VALIDATOR, 5000.0, True), (SMALL_VALIDATOR, 40.0, True), (NO_PERMIT, 900.0, False)])
 
 # Answers with the example blueprint, and notes each run: it shows whether a request reached generation.
 RECORDING_PROGRAM = """
@@ -157,7 +147,7 @@ def test_priority_follows_stake(chain_miner):
 
 def test_a_resync_replaces_who_may_call(chain_miner):
     miner = chain_miner()
-    miner.callers.update(Metagraph.of([(STRANGER, 10.0, True), (NO_PERMIT, 900.0, False)]))
+    miner.callers.update(metagraph_of([(STRANGER, 10.0, True), (NO_PERMIT, 900.0, False)]))
     assert blacklist(miner, STRANGER) == (False, "registered caller")
     assert blacklist(miner, VALIDATOR) == (True, "hotkey not registered")  # deregistered
     assert asyncio.run(miner.priority(from_caller(STRANGER))) == 10.0
@@ -189,7 +179,7 @@ def test_through_a_real_axon_the_refusal_comes_before_the_body_is_read(tmp_path)
     port = free_port()
     miner = Miner(Config(generation=GenerationSettings(target_s=55)), service, make_wallet(wallets, "miner"),
                   offline=False)
-    miner.callers.update(Metagraph.of([(validator.hotkey.ss58_address, 100.0, True)]))
+    miner.callers.update(metagraph_of([(validator.hotkey.ss58_address, 100.0, True)]))
     # Miner.start() in chain mode would connect to the chain and serve the axon there: the same Axon,
     # wired to the same three functions, on loopback instead.
     with no_public_ip_lookup():

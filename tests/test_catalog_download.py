@@ -136,10 +136,10 @@ def tiny_quant(*files: str, repo: str = "tester/Tiny-GGUF") -> catalog.Quant:
 
 def run_cli(hub: FakeHub, tmp_path: Path, *args: str,
             wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
-    """scripts/download_model.py in its own process: HF_ENDPOINT is read when huggingface_hub is imported."""
+    """`storynet-miner download` in its own process: HF_ENDPOINT is read when huggingface_hub is imported."""
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"),
            "HF_HUB_DISABLE_TELEMETRY": "1"}
-    cmd = [sys.executable, str(ROOT / "scripts" / "download_model.py"), *args]
+    cmd = [sys.executable, "-m", "miner", "download", *args]
     if not wait:
         return subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
@@ -187,6 +187,31 @@ def test_dropped_connection_resumes_with_range_and_verifies(hub: FakeHub, tmp_pa
     gets = hub.gets()
     download_quant(tiny_quant("tiny-Q4_K_M.gguf"), tmp_path / "m", **quiet)
     assert hub.gets() == gets  # already there and verified: nothing fetched again
+
+
+@pytest.mark.slow
+def test_two_downloads_of_one_file_at_once_end_with_one_good_file(hub: FakeHub, tmp_path: Path) -> None:
+    """The second waits on the first's lock, then finds the file done: one GET, no interleaved bytes."""
+    quant = catalog.get("llama-3.1-8b").quant("Q4_K_M")
+    key = f"{quant.repo}/{quant.files[0]}"
+    data = payload(2 * CHUNK, seed=7)
+    hub.add(quant.repo, quant.files[0], data)
+    release = threading.Event()
+    hub.stall[key] = (CHUNK + 1000, release)  # the first holds the file half-written until released
+    first = run_cli(hub, tmp_path, "llama-3.1-8b", "--dir", "models", wait=False)
+    deadline = time.monotonic() + 30
+    while not any(m == "GET" and k == key for m, k, _ in hub.requests) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = run_cli(hub, tmp_path, "llama-3.1-8b", "--dir", "models", wait=False)
+    time.sleep(2)  # the second has asked the hub for the file's metadata and waits on the lock now
+    release.set()  # the first's connection drops at the stall; it resumes (or the second does, after it)
+    outs = [p.communicate(timeout=60) for p in (first, second)]
+    assert (tmp_path / "models" / quant.files[0]).read_bytes() == data
+    assert not list((tmp_path / "models").glob("*.part"))
+    assert any(b"waiting for it" in err for _, err in outs)
+    assert second.returncode == 0, outs[1][1][-2000:]
+    gets = [r for m, k, r in hub.requests if m == "GET" and k == key]
+    assert gets == [None, f"bytes={CHUNK}-"]  # one download at a time: the file, then its rest after the drop
 
 
 @pytest.mark.slow

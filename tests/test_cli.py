@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from miner.contract import answer_of
 from miner.demo import free_port
 from miner.tasks import TASKS, Context
 
@@ -27,7 +28,7 @@ def test_generate_prints_output_data_that_meets_the_contract():
     assert done.returncode == 0, done.stderr
     output = json.loads(done.stdout)
     assert output["model_info"]["mode"] == "local"
-    TASKS["blueprint"].check({k: v for k, v in output.items() if k not in ("model_info", "generation_time")},
+    TASKS["blueprint"].check(answer_of(output),
                              Context(user_input="x"))
 
 
@@ -44,7 +45,7 @@ def test_a_missing_model_file_stops_start_up_naming_it(tmp_path):
     config.write_text(f"backends:\n  - type: llama_cpp\n    model_path: {tmp_path}/gone.gguf\n")
     done = miner("generate", "--task", "blueprint", "--input", "x", "--config", str(config))
     assert done.returncode == 2 and done.stdout == ""
-    assert f"{tmp_path}/gone.gguf does not exist" in done.stderr and "download_model.py" in done.stderr
+    assert f"{tmp_path}/gone.gguf does not exist" in done.stderr and "storynet-miner download" in done.stderr
 
 
 def test_a_bad_config_key_stops_start_up_naming_it(tmp_path):

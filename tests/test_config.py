@@ -98,7 +98,7 @@ def test_a_missing_file_says_what_to_do(tmp_path):
 
 def test_bittensor_style_flags_override_the_file(tmp_path):
     path = write(tmp_path, "netuid: 1\nwallet:\n  name: alice\n")
-    args = build_parser().parse_args(["run", "--config", str(path), "--netuid", "92", "--wallet.hotkey", "h1",
+    args = build_parser("run").parse_args(["run", "--config", str(path), "--netuid", "92", "--wallet.hotkey", "h1",
                                       "--axon.port", "9000", "--subtensor.network", "test"])
     config = _load(args)
     assert (config.netuid, config.wallet.name, config.wallet.hotkey) == (92, "alice", "h1")

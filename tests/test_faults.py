@@ -21,6 +21,7 @@ from backends import llama_lowlevel as ll
 from backends.base import BackendError, Request
 from backends.chain import BackendState, Chain
 from backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
+from miner.contract import answer_of
 from miner import examples
 from miner.config import ChainSettings, GenerationSettings
 from miner.demo import free_port, make_wallet
@@ -29,12 +30,11 @@ from miner.protocol import StoryGenerationSynapse
 from miner.service import StoryService
 from miner.tasks import TASKS, Context
 from models.embedded import embedded_model_path
-from tests.test_batching import RefusesAfter
+from tests.fakes import RefusesAfter
 
 pytestmark = pytest.mark.slow  # each loads a real model or starts a real miner
 
 ROOT = Path(__file__).resolve().parents[1]
-META = ("model_info", "generation_time")
 
 
 def say_hi(seconds: float = 30) -> Request:
@@ -102,7 +102,7 @@ def test_a_backend_failing_mid_answer_costs_no_answer(embedded_backend, writer, 
     modes = sorted(a.output["model_info"]["mode"] for a in answers)
     assert modes[0] == "custom"  # the answer that failed part-way came from the next backend
     for a in answers:
-        TASKS["blueprint"].check({k: v for k, v in a.output.items() if k not in META}, Context(user_input="x"))
+        TASKS["blueprint"].check(answer_of(a.output), Context(user_input="x"))
         assert a.seconds < 175  # by its hard limit (timeout_s 180 less the 5 s margin)
     assert "injected" in chain.states[0].last_error
     assert embedded_backend.engine.alive() and embedded_backend.generate(say_hi()).completion_tokens > 0
@@ -195,8 +195,7 @@ def test_sigterm_stops_accepting_settles_requests_in_flight_unloads_and_exits_0(
     assert answer.is_success and answer.generation_time > 0.5, (answer.output_data, log[-3000:])  # in flight at the signal
     if grace_s:
         assert "error" not in answer.output_data, (answer.output_data, log[-3000:])
-        TASKS["blueprint"].check({k: v for k, v in answer.output_data.items() if k not in META},
-                                 Context(user_input="x"))
+        TASKS["blueprint"].check(answer_of(answer.output_data), Context(user_input="x"))
     else:
         assert "shutting down" in answer.output_data["error"], answer.output_data
         assert time.monotonic() - signalled < 30

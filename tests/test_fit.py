@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import llama_cpp  # before numpy: the other order made CUDA model loading segfault (docs/measurements.md)
+import llama_cpp
 import numpy as np
 import pytest
 from gguf import GGUFWriter
 
+from miner.cli import main as cli
+from miner.errors import ConfigError, ModelError
 from models import catalog, fit
 
 MiB, GiB = fit.MiB, fit.GiB
@@ -85,7 +87,7 @@ def test_explicit_settings_are_kept() -> None:
     ({"n_ctx": "big"}, "n_ctx: expected 'auto' or a int"),
     ({"kv_cache_type": "q8_0", "flash_attn": False}, "set flash_attn: true or kv_cache_type: f16")])
 def test_bad_settings_name_the_key(settings: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         fit.plan("llama-3.1-8b", vram_bytes=6 * GiB, **settings)
 
 
@@ -160,7 +162,7 @@ def test_a_split_gguf_is_read_across_all_parts(tmp_path: Path) -> None:
     assert len(parts) > 1
     assert fit.load_profile(parts[0]).layout.total == sum(sizes.values())
     parts[-1].unlink()
-    with pytest.raises(FileNotFoundError, match="part of the split model is missing"):
+    with pytest.raises(ModelError, match="part of the split model is missing"):
         fit.load_profile(parts[0])
 
 
@@ -182,15 +184,15 @@ def test_cpu_only_plan_puts_nothing_on_a_gpu(tmp_path: Path) -> None:
     assert "none: no GPU offload" in p.table()
 
 
-def test_fit_cli_prints_the_table_or_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert fit.main(["--model", "llama-3.1-8b", "--vram-gb", "6"]) == 0
+def test_fit_cli_prints_the_table_or_json(capsys: pytest.CaptureFixture[str], caplog) -> None:
+    assert cli(["fit", "--model", "llama-3.1-8b", "--vram-gb", "6"]) == 0
     table = capsys.readouterr().out
     assert "33 of 33" in table and "(--vram-gb 6)" in table
-    assert fit.main(["--model", "mixtral-8x7b", "--vram-gb", "6", "--json"]) == 0
+    assert cli(["fit", "--model", "mixtral-8x7b", "--vram-gb", "6", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert 0 < out["n_gpu_layers"] < 33 and out["estimated_vram_bytes"] <= 6 * GiB
-    assert fit.main(["--model", "no-such-model"]) == 1
-    assert "scripts/download_model.py" in capsys.readouterr().err
+    assert cli(["fit", "--model", "no-such-model"]) == 2  # could not do it: the message says what to run
+    assert "storynet-miner download NAME" in caplog.text
 
 
 @pytest.mark.parametrize("rate, said", [(104.2, "100"), (53.4, "53"), (1234.0, "1,200"), (7.62, "7.6"), (0.84, "0.8")])
@@ -205,7 +207,7 @@ def test_the_5_5_gib_plan_says_100_tok_s_not_1e_02() -> None:
 
 
 def test_6_gb_figures_say_what_they_assume(capsys: pytest.CaptureFixture[str]) -> None:
-    assert fit.main(["--model", "llama-3.1-8b", "--vram-gb", "6"]) == 0
+    assert cli(["fit", "--model", "llama-3.1-8b", "--vram-gb", "6"]) == 0
     table = capsys.readouterr().out
     assert "--vram-gb plans for 6 GiB free: a card with nothing else on it" in table
     assert "with 5.5 GiB free this becomes 32 of 33 layers on the GPU and 4096 context" in table

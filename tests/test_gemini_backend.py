@@ -17,17 +17,11 @@ from miner import examples
 from miner.config import ChainSettings, GenerationSettings
 from miner.service import StoryService
 from miner.tasks import TASKS, Context
+from tests.fakes import BLUEPRINT
 from tests.scripted_http import ScriptedHTTP
 
 KEY_ENV = "STORYFI_TEST_GEMINI_KEY"
 MODEL = "gemini-2.0-flash"
-BLUEPRINT = {
-    "title": "Orbit of Ash", "genre": "space opera",
-    "setting": "A cargo ring around a dying red star, where crews trade air for passage and nobody trusts the AI.",
-    "core_conflict": "A pilot must expose the ring's failing reactor before the owners seal the docks.",
-    "themes": ["trust", "survival"], "tone": "tense", "target_audience": "adult science fiction readers"}
-
-
 def gemini_answer(text: str, finish: str = "STOP") -> dict[str, Any]:
     return {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": finish,
                             "index": 0}],

@@ -22,7 +22,8 @@ from backends.chain import BackendStatus, Chain
 from miner.config import load_config
 from miner.demo import free_port, make_wallet
 from miner.errors import ConfigError
-from miner.health import AxonState, HealthReport, main
+from miner.cli import main as cli
+from miner.health import AxonState, HealthReport
 from miner.health_monitor import HealthServer
 from miner.neuron import Miner
 from miner.service import StoryService
@@ -46,7 +47,7 @@ def config_file(tmp_path: Path, backends: str, extra: str = "health:\n  port: 0\
 
 
 def run(capsys, config: Path, *flags: str) -> tuple[int, str]:
-    code = main(["--config", str(config), *flags])
+    code = cli(["health", "--config", str(config), *flags])
     return code, capsys.readouterr().out
 
 

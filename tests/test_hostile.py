@@ -120,7 +120,8 @@ def random_fields(wire: bool, anything: st.SearchStrategy) -> st.SearchStrategy[
 
 
 def assert_clear(output: Any) -> None:
-    assert isinstance(output, dict) and list(output) == ["error"], output
+    assert isinstance(output, dict) and list(output) == ["error", "error_kind"], output
+    assert output["error_kind"] in ("input", "failed", "busy"), output  # never "internal": that is a bug
     error = output["error"]
     assert isinstance(error, str) and error.strip()
     error.encode("utf-8")  # travels back as JSON: no lone surrogate may leak into it

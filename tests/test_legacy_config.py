@@ -64,7 +64,7 @@ def test_the_old_example_maps_onto_an_ordered_backends_list_printed_once(tmp_pat
     assert again == config
     message = caplog.text
     assert message.count("old StoryFi generator format") == 1
-    assert "python scripts/download_model.py qwen2.5-7b" in message
+    assert "storynet-miner download qwen2.5-7b --dir models" in message
     assert "generator.template_dir" in message and "max_memory: dropped" in message
     # What was printed is a config that loads to the same thing.
     assert load_config(old_file(tmp_path, printed_yaml(caplog), "new.yaml")) == config
@@ -106,7 +106,7 @@ def test_a_model_outside_the_catalog_gets_a_convert_command(tmp_path, caplog):
         """))
     [local] = config.backends
     assert local.model_path == "models/Mistral-7B-Instruct-v0.2-Q4_K_M.gguf"
-    assert ("python scripts/convert_model.py mistralai/Mistral-7B-Instruct-v0.2 --out "
+    assert ("storynet-miner convert mistralai/Mistral-7B-Instruct-v0.2 --out "
             "models/Mistral-7B-Instruct-v0.2-Q4_K_M.gguf") in caplog.text
 
 

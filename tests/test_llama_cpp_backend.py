@@ -33,7 +33,7 @@ def test_a_missing_model_file_names_the_path_and_how_to_get_one(tmp_path):
     missing = tmp_path / "llama-8b.gguf"
     with pytest.raises(BackendError) as err:
         LlamaCppBackend.from_settings(settings(missing))
-    assert str(missing) in str(err.value) and "scripts/download_model.py" in str(err.value)
+    assert str(missing) in str(err.value) and "storynet-miner download llama-3.1-8b" in str(err.value)
 
 
 def test_a_file_that_is_not_gguf_is_refused_before_loading(tmp_path):

@@ -18,7 +18,7 @@ from backends.openai_api import OpenAIBackend, OpenAISettings
 from miner import examples
 from miner.config import ChainSettings, load_config
 from miner.demo import free_port
-from miner.health import main as health_main
+from miner.cli import main as cli
 from miner.service import StoryService
 from models.embedded import embedded_model_path
 
@@ -186,7 +186,7 @@ def test_the_validator_gets_a_real_answer_from_the_api_when_the_local_model_is_g
 
 def test_health_says_degraded_while_the_api_serves_for_a_missing_model(server, tmp_path, capsys):
     config = write_config(tmp_path, tmp_path / "gone.gguf", server)
-    assert health_main(["--config", str(config), "--json"]) == 1
+    assert cli(["health", "--config", str(config), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["status"] == "degraded" and report["serving"] == "llama-server"
     local, api = report["backends"]

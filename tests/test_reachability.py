@@ -13,12 +13,12 @@ from bittensor_wallet import Keypair
 from backends.chain import Chain
 from miner.config import load_config
 from miner.demo import free_port, make_wallet
-from miner.health import main as health_main
+from miner.cli import main as cli
 from miner.neuron import Miner, no_public_ip_lookup
 from miner.protocol import StoryGenerationSynapse
 from miner.reachability import QUIET_AFTER_S, Endpoint, advertised, chain_finding, requests_finding
 from miner.service import StoryService
-from tests.fake_chain import Metagraph, Neuron, Subtensor
+from tests.fakes import Metagraph, Neuron, Subtensor
 
 MINER = Keypair.create_from_uri("//storyfi-reach-miner").ss58_address
 OTHER = Keypair.create_from_uri("//storyfi-reach-other").ss58_address
@@ -140,7 +140,7 @@ def chain_miner(tmp_path, writer):
 
 
 def health(capsys, config: str) -> tuple[int, str]:
-    code = health_main(["--config", config, "--running"])
+    code = cli(["health", "--config", config, "--running"])
     return code, capsys.readouterr().out
 
 

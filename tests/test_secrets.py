@@ -23,11 +23,12 @@ from backends.openai_api import OpenAISettings
 from miner import examples
 from miner.config import AxonSettings, ChainSettings, Config, GenerationSettings, HealthSettings
 from miner.demo import free_port, make_wallet
-from miner.health import main as health_main
+from miner.cli import main as cli
 from miner.neuron import Miner
 from miner.service import StoryService
 from tests.scripted_http import ScriptedHTTP
-from tests.test_gemini_backend import BLUEPRINT, error, gemini_answer
+from tests.fakes import BLUEPRINT
+from tests.test_gemini_backend import error, gemini_answer
 
 KEY_ENV = "STORYFI_TEST_PLANTED_KEY"
 KEY = "sk-planted-canary-" + "Q7xZ" * 8
@@ -163,7 +164,7 @@ def test_health_json_shows_no_key(key, logs, server, tmp_path, capsys):
     config = tmp_path / "miner.yaml"
     config.write_text(f"health:\n  port: 0\nbackends:\n  - type: openai\n    name: cloud\n    model: gpt-test\n"
                       f"    base_url: {server.url}/v1\n    api_key_env: {KEY_ENV}\n")
-    assert health_main(["--config", str(config), "--json"]) == 2
+    assert cli(["health", "--config", str(config), "--json"]) == 2
     out = capsys.readouterr().out
     assert json.loads(out)["status"] == "down" and REDACTED in out
     assert sent_key(server, "authorization") == f"Bearer {KEY}"

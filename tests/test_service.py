@@ -11,12 +11,14 @@ import time
 
 import pytest
 
+from backends.base import BackendBusy, BackendError
 from backends.chain import BackendState, Chain
 from miner import examples
 from miner.config import GenerationSettings
+from miner.contract import error_of
 from miner.service import MAX_TIMEOUT_S, StoryService
 from miner.tasks import TaskInputError
-from tests.test_chain import FakeBackend, chain_of
+from tests.fakes import FakeBackend, chain_of
 
 NEVER_ASKED = "the chain must not be asked for bad input"
 
@@ -121,7 +123,7 @@ def recording_service() -> tuple[StoryService, FakeBackend]:
 def test_a_timeout_that_is_not_a_finite_number_above_0_gets_a_clear_error(timeout):
     service, backend = recording_service()
     answer = service.answer(examples.example_fields("blueprint"), timeout_s=timeout)
-    assert list(answer.output) == ["error"] and answer.model_info is None
+    assert answer.output["error_kind"] == "input" and answer.model_info is None
     assert answer.output["error"].startswith("timeout must be a finite number of seconds above 0 (validators send 60; "
                                              f"more than {MAX_TIMEOUT_S:.0f} is read as {MAX_TIMEOUT_S:.0f}), got ")
     assert backend.history == []  # refused before any backend was asked
@@ -142,3 +144,21 @@ def test_the_callers_cancel_event_reaches_the_backend():
     cancelled = threading.Event()
     assert service.answer(examples.example_fields("blueprint"), cancelled=cancelled).ok
     assert backend.history[0].cancelled is cancelled
+
+
+def test_an_error_answer_says_its_kind_and_loadtest_counts_a_does_not_fit_refusal_as_busy():
+    """The kind travels in a field of its own: a tool that reads answers never guesses from the words."""
+    from miner.loadtest import classify
+    from miner.protocol import StoryGenerationSynapse
+    full = FakeBackend("local").enqueue(BackendBusy("does not fit: the prompt is 3000 tokens and each request has "
+                                                    "2048 tokens of KV cache"))
+    broken = FakeBackend("local").enqueue(BackendError("the model file is gone"))
+    fields = examples.example_fields("blueprint")
+    kinds = {}
+    for name, backend in (("full", full), ("broken", broken)):
+        output = StoryService(chain_of(backend), GenerationSettings()).answer(fields).output
+        assert error_of(output) is not None
+        response = StoryGenerationSynapse(**fields, output_data=output)
+        response.dendrite.status_code = 200
+        kinds[name] = (output["error_kind"], classify("blueprint", fields, response)[0])
+    assert kinds == {"full": ("busy", "busy"), "broken": ("failed", "error")}

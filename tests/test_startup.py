@@ -17,7 +17,7 @@ from miner.config import load_config
 from miner.demo import free_port, make_wallet
 from miner.errors import StartupError
 from miner.startup import check_model
-from tests.fake_chain import Neuron, Subtensor
+from tests.fakes import Neuron, Subtensor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def test_chain_mode_refuses_the_demo_model_unless_the_config_says_so(tmp_path):
     message = refused(tmp_path, config_file(tmp_path, model="name: local"))
     assert "backends.0 has no model_path, so validators on netuid 92 would get answers from the embedded demo model" \
         in message
-    assert "allow_demo_model_on_chain: true" in message and "download_model.py llama-3.1-8b" in message
+    assert "allow_demo_model_on_chain: true" in message and "storynet-miner download llama-3.1-8b" in message
     allowed = load_config(config_file(tmp_path, extra="allow_demo_model_on_chain: true\n", model="name: local"))
     check_model(allowed, offline=False, source="x")
     check_model(load_config(config_file(tmp_path, model="name: local")), offline=True, source="x")  # offline keeps it

@@ -15,7 +15,8 @@ import pytest
 
 from backends.chain import BackendStatus
 from miner.demo import free_port, make_wallet
-from miner.health import AxonState, HealthReport, main as health_main
+from miner.cli import main as cli
+from miner.health import AxonState, HealthReport
 from miner.health_monitor import HealthServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def test_the_watchdog_check_exits_with_the_running_miners_state(tmp_path, capsys
     config.write_text(f"health:\n  port: {server.port}\nbackends:\n  - type: llama_cpp\n"
                       f"    model_path: {tmp_path / 'gone.gguf'}\n")
     try:
-        assert health_main(["--config", str(config), "--running", "--json"]) == code
+        assert cli(["health", "--config", str(config), "--running", "--json"]) == code
     finally:
         server.stop()
     assert json.loads(capsys.readouterr().out)["checked_by"] == "test"
@@ -56,25 +57,27 @@ def test_the_watchdog_check_says_down_when_no_miner_answers(tmp_path, capsys):
     config = tmp_path / "miner.yaml"
     config.write_text(f"health:\n  port: {port}\nbackends:\n  - type: custom\n"
                       f"    command: [{program(tmp_path, 'good.py', GOOD)}]\n")
-    assert health_main(["--config", str(config), "--running", "--wait", "1"]) == 2
+    assert cli(["health", "--config", str(config), "--running", "--wait", "1"]) == 2
     out = capsys.readouterr().out
     assert out.startswith(f"DOWN (exit 2): no running miner answered GET http://127.0.0.1:{port}/health within 1 s")
-    assert health_main(["--config", str(config), "--wait", "1"]) == 0  # without --running: checked here
+    assert cli(["health", "--config", str(config), "--wait", "1"]) == 0  # without --running: checked here
 
 
 def test_the_watchdog_check_needs_the_health_port(tmp_path, capsys):
     config = tmp_path / "miner.yaml"
     config.write_text("health:\n  port: 0\n")
-    assert health_main(["--config", str(config), "--running"]) == 2
+    assert cli(["health", "--config", str(config), "--running"]) == 2
     assert "health.port is 0 in the config; set it" in capsys.readouterr().out
 
 
-def test_health_help_lists_the_exit_codes(capsys):
-    with pytest.raises(SystemExit) as done:
-        health_main(["--help"])
-    assert done.value.code == 0
-    out = capsys.readouterr().out
-    assert "exit codes:\n  0  healthy" in out and "\n  1  degraded" in out and "\n  2  down" in out
+def test_every_command_s_help_lists_the_one_exit_code_table(capsys):
+    for command in ("health", "fit", "download", "run"):
+        with pytest.raises(SystemExit) as done:
+            cli([command, "--help"])
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        assert "exit codes (every command):\n  0    done (health: healthy" in out and "health: degraded" in out
+        assert "\n  2    could not do it" in out and "health: down" in out
 
 
 def generate(config: Path, *flags: str) -> subprocess.CompletedProcess:

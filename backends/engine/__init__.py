@@ -1,5 +1,5 @@
 """Continuous batching over one llama.cpp context: requests decode together, one llama_decode a step.
-llama-cpp-python's Llama class decodes one sequence at a time (facts.md), hence this engine. Its rooms,
+llama-cpp-python's Llama class decodes one sequence at a time (docs/engine.md), hence this engine. Its rooms,
 as llama.cpp's server keeps slot state apart from the loop that builds each batch:
 
     loop.py       the engine's thread: admit, build one batch a step, decode, hand out draws, recover

@@ -80,10 +80,11 @@ class Admission:
 
     def expected_wait(self, ticket: Ticket, slots: list[Slot], speed: Speed) -> float:
         """Until a slot frees for this ticket: each busy slot frees when its answer has likely written what
-        answers to its schema usually do, all decoding at full load; each ticket ahead then holds a slot for
-        its smallest answer's time at full load."""
+        answers to its schema usually do, all decoding at full load from the cells held now, and by its hard
+        limit at the latest; each ticket ahead then holds a slot for its smallest answer's time at full load."""
         now = time.monotonic()
         share = self.prefill_share()
+        cells = sum(len(s.cached) for s in slots if s.job is not None)
         frees = []
         for slot in slots:
             job = slot.job
@@ -91,8 +92,8 @@ class Admission:
                 frees.append(now)
                 continue
             left = job.left(self.fill.expected(job.shape), Fill.MARGIN)
-            frees.append(now + speed.planned(left, len(job.prompt) - job.done_prompt, self.parallel, share,
-                                             len(slot.cached)))
+            likely = speed.planned(left, len(job.prompt) - job.done_prompt, self.parallel, share, cells)
+            frees.append(min(now + likely, slot.ticket.hard))
         heapq.heapify(frees)
         for ahead in sorted(t for t in self.waiting if t < ticket):
             heapq.heappush(frees, heapq.heappop(frees) + ahead.floor_full_s)
@@ -108,7 +109,9 @@ class Admission:
             if job is None:
                 continue
             prompts = len(job.prompt) - job.done_prompt + prompt_tokens
-            if now + speed.planned(job.left(), prompts, sequences, share, len(slot.cached)) > slot.ticket.hard:
+            # held to its worst case, the others taken alike: a promise errs on the safe side
+            cells = sequences * len(slot.cached)
+            if now + speed.planned(job.left(), prompts, sequences, share, cells) > slot.ticket.hard:
                 return slot
         return None
 

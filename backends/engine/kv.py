@@ -1,7 +1,7 @@
 """The KV side of the engine: slots and what their cells hold. The only code that edits llama.cpp's cache.
 
 Each request holds a slot: a sequence id and its cells. With a KV stream per sequence, llama.cpp evaluates
-consecutive sequence ids in one pass over the weights and a gap costs a second (facts.md), so a newcomer
+consecutive sequence ids in one pass over the weights and a gap costs a second (docs/measurements.md), so a newcomer
 takes the lowest free slot and, when a lower one frees and nobody waits, the highest busy sequence moves
 down (its stream is copied). In a unified cache, a newcomer takes the free slot whose cells share most of
 its prompt, else the least recently used. Either way a prompt keeps the cells of the earlier prompt on its

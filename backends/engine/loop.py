@@ -144,6 +144,7 @@ class Engine:
             ticket, load = taken
             running = self.active()
             started = time.perf_counter()
+            job = None
             try:
                 try:
                     job = ticket.prepare(load)
@@ -154,10 +155,12 @@ class Engine:
                 with self.admission.cond:
                     self.kv.place(job, ticket)
             except Exception as e:  # this request's failure only: the engine and its cache serve on
+                if job is not None:
+                    job.sampler.close()
                 if not isinstance(e, BackendError):
                     log.exception("could not prepare or place a request")
-                ticket.future.set_exception(e if isinstance(e, BackendError) else
-                                            BackendError(f"could not prepare the request: {type(e).__name__}: {e}"))
+                ticket.future.set_exception(e if isinstance(e, BackendError) else BackendError(
+                    f"could not prepare or place the request: {type(e).__name__}: {e}"))
             finally:
                 self.stats["prepares"] += 1
                 self.stats["prepare_s"] += time.perf_counter() - started

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from miner.tasks.common import about, at, check_str, check_str_list, obj, text, texts
+from miner.tasks.task import Task
 
 # Characters of each field: the contract's bounds where it sets them, sane ones elsewhere. The schema and
 # the check both read these.
@@ -37,3 +38,11 @@ def check(answer: dict, ctx) -> list[str]:
         check_str(problems, answer, key, lo, hi)
     check_str_list(problems, answer, "themes", *THEMES)
     return problems
+
+
+class Blueprint(Task):
+    name, needs = "blueprint", ()
+    instructions = staticmethod(instructions)
+    schema = staticmethod(schema)
+    max_tokens = staticmethod(max_tokens)
+    problems = staticmethod(check)

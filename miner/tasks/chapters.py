@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 from miner.tasks.common import about, at, check_dict, check_str, const, obj, text
+from miner.tasks.task import Task
 
 CONTENT = (1000, 3000)  # the contract's bounds, in characters
 CHOICE_IDS = ("A", "B", "C")
@@ -111,3 +112,12 @@ def check(answer: dict, ctx) -> list[str]:
         check_str(problems, chapter, "content", *CONTENT, where=where)
         problems += _check_choices(chapter.get("choices"), where)
     return problems
+
+
+class Chapters(Task):
+    name, needs = "chapters", ("blueprint", "characters", "story_arc", "chapter_ids")
+    instructions = staticmethod(instructions)
+    schema = staticmethod(schema)
+    max_tokens = staticmethod(max_tokens)
+    problems = staticmethod(check)
+    retry_path = staticmethod(retry_path)

@@ -5,6 +5,7 @@ from typing import Any
 
 from miner.tasks.common import (about, at, check_dict, check_str, check_str_list, const, exact_items, obj, text,
                                 texts)
+from miner.tasks.task import Task
 
 ROLES = ("protagonist", "ally", "rival", "mentor", "wildcard")
 # Whom each character's relationships describe: fixed pairs keep the schema exact and the cast connected.
@@ -60,3 +61,11 @@ def check(answer: dict, ctx) -> list[str]:
             if len(others) < 2:
                 problems.append(f"{where}relationships must describe at least 2 other characters by id")
     return problems
+
+
+class Characters(Task):
+    name, needs = "characters", ("blueprint",)
+    instructions = staticmethod(instructions)
+    schema = staticmethod(schema)
+    max_tokens = staticmethod(max_tokens)
+    problems = staticmethod(check)

@@ -6,17 +6,6 @@ import json
 import re
 from typing import Any
 
-from backends.base import AnswerRejected
-
-
-class TaskInputError(ValueError):
-    """The request cannot be served as sent (missing context, oversized input, bad chapter ids)."""
-
-
-class ContractError(AnswerRejected):
-    """A generated answer does not meet the protocol's contract."""
-
-
 # Scripts that name a language unambiguously; anything else is "the request's language".
 _SCRIPTS: list[tuple[str, str]] = [
     (r"[\u3040-\u30ff]", "Japanese"),

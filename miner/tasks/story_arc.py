@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from miner.tasks.common import about, at, check_dict, check_str, const, exact_items, obj, text, texts
+from miner.tasks.task import Task
 
 N_CHAPTERS = 12
 ACTS = {"act1": [1, 2, 3], "act2a": [4, 5, 6], "act2b": [7, 8, 9], "act3": [10, 11, 12]}
@@ -82,3 +83,11 @@ def check(answer: dict, ctx) -> list[str]:
     check_dict(problems, answer, "themes")
     check_dict(problems, answer, "hooks")
     return problems
+
+
+class StoryArc(Task):
+    name, needs = "story_arc", ("blueprint", "characters")
+    instructions = staticmethod(instructions)
+    schema = staticmethod(schema)
+    max_tokens = staticmethod(max_tokens)
+    problems = staticmethod(check)
