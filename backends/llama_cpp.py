@@ -32,7 +32,7 @@ from backends.constraint import Vocabulary
 from backends.llama_build import system_info
 from backends.sizing import CharCost, Cost, fit_schema, shrink, strings_in, worst_case
 from models import fit
-from miner.errors import ModelError
+from miner.errors import DoesNotFit, ModelError
 from models.catalog import load_profile
 from models.embedded import DISPLAY_NAME, EmbeddedModelMissing, embedded_model_path
 
@@ -372,7 +372,7 @@ class LlamaCppBackend(Backend):
         if cost is not None and cost.bounded:  # unbounded: only the hard limit ends it
             max_tokens = min(max_tokens, math.ceil(cost.tokens * MAX_TOKENS_MARGIN) + 16)
         if max_tokens < 1:
-            raise BackendBusy(f"does not fit: the prompt is {len(prompt)} tokens and each request has "
+            raise DoesNotFit(f"does not fit: the prompt is {len(prompt)} tokens and each request has "
                               f"{load.kv_room} tokens of KV cache; raise n_ctx or set a lower parallel")
         matcher = self._vocab.matcher(schema) if schema is not None else None
         if matcher is not None and prefix:
@@ -403,7 +403,7 @@ class LlamaCppBackend(Backend):
             return request.schema, request.messages, cost, "fixed size"
         floor = self._cost(shrink(request.schema, 0.0), tpc)
         if floor.tokens > room:
-            raise BackendBusy(f"does not fit: even the smallest answer needs {floor.tokens:.0f} tokens of KV cache "
+            raise DoesNotFit(f"does not fit: even the smallest answer needs {floor.tokens:.0f} tokens of KV cache "
                               f"beside its {prompt_n}-token prompt, and each request has {load.kv_room}; raise n_ctx "
                               f"or set a lower parallel")
 

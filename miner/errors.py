@@ -10,6 +10,7 @@ exception is a bug and keeps its traceback. This module imports nothing, so ever
     │   └── ContractError
     ├── BackendError          a backend could not answer: why, and where it can, the fix
     │   ├── BackendBusy       not now, at this load: the next backend answers, no cool-down
+    │   │   └── DoesNotFit    too big for the backend's KV cache at any load
     │   ├── DeadlineExceeded  the request's time ran out
     │   └── AllBackendsFailed every backend in the chain, each with its reason
     ├── LlamaError            llama.cpp refused: a model or context that could not be made, a failed decode
@@ -61,6 +62,10 @@ class BackendError(MinerError):
 
 class BackendBusy(BackendError):
     """The backend cannot answer this request in time at its current load: not a failure."""
+
+
+class DoesNotFit(BackendBusy):
+    """The request is too big for this backend's KV cache at any load: the next backend answers."""
 
 
 class DeadlineExceeded(BackendError):

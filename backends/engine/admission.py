@@ -45,6 +45,7 @@ class Ticket:
     floor_full_s: float = field(compare=False)  # ... and beside `parallel` others, as when it had to wait
     prompt_tokens: int = field(compare=False, default=0)  # as asked: what its prefill will cost the others
     cancelled: threading.Event = field(compare=False, default_factory=threading.Event)  # its caller has gone
+    joins_below: int | None = field(compare=False, default=None)  # fits only while fewer answers decode
     future: Future = field(compare=False, default_factory=Future)
     arrived: float = field(compare=False, default_factory=time.monotonic)
 
@@ -95,8 +96,8 @@ class Admission:
             likely = speed.planned(left, len(job.prompt) - job.done_prompt, self.parallel, share, cells)
             frees.append(min(now + likely, slot.ticket.hard))
         heapq.heapify(frees)
-        for ahead in sorted(t for t in self.waiting if t < ticket):
-            heapq.heappush(frees, heapq.heappop(frees) + ahead.floor_full_s)
+        for ahead in sorted(t for t in self.waiting if t < ticket):  # each done by its own limit at the latest
+            heapq.heappush(frees, min(heapq.heappop(frees) + ahead.floor_full_s, ahead.hard))
         return frees[0] - now
 
     def broken_promise(self, now: float, slots: list[Slot], sequences: int, prompt_tokens: int,
@@ -126,6 +127,8 @@ class Admission:
         ticket = self.waiting[0]
         now = time.monotonic()
         running = len(slots) - len(free)
+        if ticket.joins_below is not None and running >= ticket.joins_below:
+            return None
         if running and self.broken_promise(now, slots, running + 1, ticket.prompt_tokens, speed):
             return None
         heapq.heappop(self.waiting)
@@ -135,6 +138,12 @@ class Admission:
         # plans again at running + 1 when this load says busy).
         sequences = min(self.parallel, max(running + 1, math.ceil(self._load_avg)))
         return ticket, Load(now=now, sequences=sequences, kv_room=self.kv_room, prefill_share=self.prefill_share())
+
+    def wait_for_fewer(self, ticket: Ticket, running: int) -> None:
+        """Under cond: a ticket whose smallest answer does not fit beside `running` others goes back in line
+        until fewer decode (it fit alone when it came: drop_late lets it go once it no longer does)."""
+        ticket.joins_below = running
+        heapq.heappush(self.waiting, ticket)
 
     def track_load(self, now: float, decoding: int) -> None:
         """A running average of decoding sequences over the last minute or so: `decoding` is how many decoded

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from backends.base import BackendBusy, BackendError
+from miner.errors import DoesNotFit
 from backends.constraint import Vocabulary
 from backends.engine import sampling, warm_up
 from backends.engine.admission import Admission, Load, Ticket
@@ -148,12 +149,18 @@ class Engine:
             try:
                 try:
                     job = ticket.prepare(load)
-                except BackendBusy:
-                    if load.sequences <= running + 1:
+                except BackendBusy as busy:
+                    if isinstance(busy, DoesNotFit) or load.sequences <= running + 1:
                         raise
-                    job = ticket.prepare(Load(load.now, running + 1, load.kv_room, load.prefill_share))
+                    job = ticket.prepare(Load(load.now, running + 1, load.kv_room, load.prefill_share))  # the load there
                 with self.admission.cond:
                     self.kv.place(job, ticket)
+            except BackendBusy as busy:  # not beside these answers: back in line until fewer decode
+                if running and not isinstance(busy, DoesNotFit):
+                    with self.admission.cond:
+                        self.admission.wait_for_fewer(ticket, running)
+                else:
+                    ticket.future.set_exception(busy)
             except Exception as e:  # this request's failure only: the engine and its cache serve on
                 if job is not None:
                     job.sampler.close()
