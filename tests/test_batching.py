@@ -421,7 +421,8 @@ def test_a_newcomer_that_would_push_a_running_answer_past_its_limit_waits(embedd
 
 def test_a_request_that_fits_only_alone_waits_for_the_running_answer_instead_of_being_refused(embedded_backend):
     """A chapters answer that fits its limit decoding alone but not beside another: it goes back in line
-    until the other ends, then is served (it was refused as busy at once, an answer a validator lost)."""
+    until the other ends, then is served (it was refused as busy at once, an answer a validator lost), and
+    it does not hold up a short request that fits beside the running one."""
     engine = embedded_backend.engine
     prompt = embedded_backend.prompt_tokens([{"role": "user", "content": "Say hi."}])
     asked: list[int] = []
@@ -433,16 +434,22 @@ def test_a_request_that_fits_only_alone_waits_for_the_running_answer_instead_of_
                               f"than the time left (as planned for a long chapter)")
         return job_for(embedded_backend, prompt, None, 5)
 
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(2) as pool:
         running = pool.submit(embedded_backend.generate, ask("Tell a tale.", obj(tale=text(150, 200)), 60))
         while engine.active() == 0:
             time.sleep(0.01)
         waiting = engine.submit(time.monotonic() + 60, alone_only, (0.5, 5.0), 0.0)
+        while not asked:
+            time.sleep(0.01)
+        beside = pool.submit(embedded_backend.generate, ask("Say hi.", obj(reply=text(1, 10)), 60))
+        beside.result(timeout=60)
+        beside_done = time.monotonic()
         running.result(timeout=60)
         ended = time.monotonic()
         result = waiting.future.result(timeout=60)
     assert asked[0] == 2 and asked[-1] == 1  # asked beside the tale, then alone
     assert waiting.arrived + result.queued_s >= ended - 0.5  # it started once the tale had ended
+    assert beside_done < ended  # the short request behind it did not wait for the tale: it fit beside it
 
 
 def test_an_idle_engine_admits_a_request_that_fits_alone_whatever_the_recent_load(embedded_backend, service,

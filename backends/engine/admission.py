@@ -82,7 +82,8 @@ class Admission:
     def expected_wait(self, ticket: Ticket, slots: list[Slot], speed: Speed) -> float:
         """Until a slot frees for this ticket: each busy slot frees when its answer has likely written what
         answers to its schema usually do, all decoding at full load from the cells held now, and by its hard
-        limit at the latest; each ticket ahead then holds a slot for its smallest answer's time at full load."""
+        limit at the latest; each ticket ahead then holds a slot for its smallest answer's time at full load
+        (one waiting for fewer answers to decode lets this one by)."""
         now = time.monotonic()
         share = self.prefill_share()
         cells = sum(len(s.cached) for s in slots if s.job is not None)
@@ -96,8 +97,8 @@ class Admission:
             likely = speed.planned(left, len(job.prompt) - job.done_prompt, self.parallel, share, cells)
             frees.append(min(now + likely, slot.ticket.hard))
         heapq.heapify(frees)
-        for ahead in sorted(t for t in self.waiting if t < ticket):  # each done by its own limit at the latest
-            heapq.heappush(frees, min(heapq.heappop(frees) + ahead.floor_full_s, ahead.hard))
+        for ahead in sorted(t for t in self.waiting if t < ticket and t.joins_below is None):
+            heapq.heappush(frees, min(heapq.heappop(frees) + ahead.floor_full_s, ahead.hard))  # done by its limit
         return frees[0] - now
 
     def broken_promise(self, now: float, slots: list[Slot], sequences: int, prompt_tokens: int,
@@ -124,14 +125,15 @@ class Admission:
         free = [s for s in slots if s.ticket is None]
         if not self.waiting or not free:
             return None
-        ticket = self.waiting[0]
         now = time.monotonic()
         running = len(slots) - len(free)
-        if ticket.joins_below is not None and running >= ticket.joins_below:
+        # A ticket waiting for fewer answers does not hold up those behind it: they may fit beside these.
+        ticket = next((t for t in sorted(self.waiting) if t.joins_below is None or running < t.joins_below), None)
+        if ticket is None:
             return None
         if running and self.broken_promise(now, slots, running + 1, ticket.prompt_tokens, speed):
             return None
-        heapq.heappop(self.waiting)
+        self._remove([ticket])
         self.track_load(now, running)
         # Planned for the recent average load too: requests come in waves, and a wave's first one would
         # otherwise be sized as if it were to decode alone. Never refused for a load not there (the caller
