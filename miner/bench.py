@@ -230,14 +230,14 @@ def bench_batching(backend: LlamaCppBackend, task: str, requests: int, rows: Row
     return work
 
 
-def bench_burst(backend: LlamaCppBackend, task: str, size: int, rows: Rows) -> None:
+def bench_burst(backend: LlamaCppBackend, task: str, size: int, rounds: int, rows: Rows) -> None:
     """Identical requests served as the miner serves validators: through the service, with its deadline
     and sizing for the validators' 60 s, and the contract check."""
     fields = examples.validator_fields(task, examples.VALIDATOR_PROMPTS[0])
     service = StoryService(Chain([BackendState(backend, "local")]), GenerationSettings())
     seed = backend.seed
     backend.seed = None  # a fresh seed each, as when serving
-    for sharing in (False, True, True, False):  # ABBA: what the first bursts teach the planner evens out
+    for sharing in (False, True, True, False)[:rounds]:  # ABBA: what the first bursts teach the planner evens out
         backend.engine.kv.share_prefixes = sharing
         backend.engine.forget_cached()
         log.info("burst: %d identical %s requests, prefix sharing %s", size, task, "on" if sharing else "off")
@@ -479,6 +479,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
                         help="the validators' request the batching rows send (default: blueprint)")
     parser.add_argument("--batch-requests", type=int, default=12, help="requests per batching row; 0 skips them")
     parser.add_argument("--burst", type=int, default=4, help="identical requests in the burst rows; 0 skips them")
+    parser.add_argument("--burst-rounds", type=int, default=4, choices=range(1, 5),
+                        help="bursts, sharing off, on, on, off (default: all four; 2: off and on)")
     parser.add_argument("--burst-task", default="chapters", choices=list(TASKS),
                         help="the validators' 3.2.1 request the burst sends (default: chapters, the longest prompt)")
     parser.add_argument("--bare-steps", type=int, default=200, help="steps of the bare loop's rows; 0 skips them")
@@ -513,7 +515,7 @@ def command(args: argparse.Namespace) -> int:
         runs = bench_tasks(backend, args.tasks, args.repeat, rows)
         work = bench_batching(backend, args.batch_task, args.batch_requests, rows) if args.batch_requests else []
         if args.burst:
-            bench_burst(backend, args.burst_task, args.burst, rows)
+            bench_burst(backend, args.burst_task, args.burst, args.burst_rounds, rows)
         parallel, kv_unified = backend.parallel, backend.ctx.kv_unified
     finally:
         backend.close()

@@ -6,9 +6,10 @@
              per task and `parallel` at once: the engine's learned decode speed beside the rate its answers
              actually ran at
   call 2, `gpu_check.sh measure`, right after (the warm machine keeps /tmp; at most 5 minutes):
-    measure  scripts/bench.py under the 6 GiB plan (its rows in bench_rows.jsonl as each is measured), then the
-             3.2.1 validators' step (scripts/loadtest.py, 8 validators) against that plan, then, if time is
-             left, against the 4 GiB plan (partial offload: a consumer card's speed)
+    measure  `storynet-miner bench` under the 6 GiB plan (its rows in bench_rows.jsonl as each is measured),
+             a burst of 4 chapters requests (burst_rows.jsonl), then the 3.2.1 validators' step (`storynet-miner
+             loadtest`, 8 validators) against that plan, then, if time is left, against the 4 GiB plan
+             (partial offload: a consumer card's speed)
   failed   record a step that failed in the shell (the build), with the end of its log
 
 Results: $OUT/gpu_check.json (every step so far) and $OUT/gpu_check.md (a table), rewritten as each step
@@ -35,11 +36,17 @@ ROOT = Path(__file__).resolve().parents[1]  # the steps run from here, with the 
 VRAM_GB = 6.0
 PARTIAL_VRAM_GB = 4.0  # partial offload: about 45 tok/s on an H100, a 6 GB consumer card's speed
 CLOCK_TOLERANCE = 0.15  # the learned decode speed and the answers' rate must agree this well
+PLAN = ["--n-ctx", "auto", "--parallel", "auto"]  # the 6 GiB plan's context and parallel, as the miner would run
+# In the order the rows matter: one answer per task against raw llama.cpp, batching against the bare loop
+# doing the same work, the KV layouts' steps (1000 cells a sequence: a validator's prompt and part of an
+# answer); then a burst, in a bench of its own.
 BENCH = ["--tasks", "blueprint,characters,story_arc,chapters", "--repeat", "1", "--batch-task", "characters",
-         "--batch-requests", "4", "--burst", "4", "--bare-steps", "100", "--n-ctx", "auto", "--parallel", "auto",
-         "--step-cells", "1000"]  # the step rows' contexts: a validator's prompt and part of an answer
-LOADTEST_START_S = 45  # the miner's start (model load, warm-up) before the validators' first request
-LOADTEST_END_S = 15  # the last answers and the miner's shutdown
+         "--batch-requests", "2", "--burst", "0", "--bare-steps", "100", "--step-cells", "1000", *PLAN]
+BURST = ["--tasks", "", "--batch-requests", "0", "--bare-steps", "0", "--step-cells", "0", "--burst", "4",
+         "--burst-rounds", "2", *PLAN]
+BURST_S = 40  # what the burst bench needs (load, two bursts of 4 chapters requests)
+LOADTEST_START_S = 30  # the miner's start (model load, warm-up) before the validators' first request
+LOADTEST_END_S = 10  # the last answers and the miner's shutdown
 
 
 class Report:
@@ -224,24 +231,16 @@ def cmd_serve(args) -> int:
 
 
 def cmd_measure(args) -> int:
-    """The rows that settle the GPU design, in the order they matter, each within what is left of the budget."""
+    """The rows that settle the GPU design, in the order they matter, each within what is left of the budget
+    once the later ones have their share."""
     report = Report(args.out)
     model = model_path(args.work)
     end = time.monotonic() + args.seconds
-    reserve = args.loadtest_seconds + LOADTEST_START_S + LOADTEST_END_S  # the validators' step comes next
-    started = time.monotonic()
-    rows_file = args.out / "bench_rows.jsonl"
-    bench = ["-m", "miner", "bench", "--model", str(model), "--vram-gb", str(VRAM_GB), "--rows", str(rows_file),
-             *args.bench]
-    try:
-        with (args.out / "bench.txt").open("w") as table, (args.out / "bench.log").open("w") as progress:
-            subprocess.run([sys.executable, *bench], stdout=table, stderr=progress, cwd=ROOT, check=True,
-                           timeout=max(end - time.monotonic() - reserve, 30))
-        ok, note = True, ""
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        ok, note = False, f"; stopped: {type(e).__name__} (bench.log)"
-    rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
-    report.add("bench", ok, time.monotonic() - started, bench_summary(rows) + note, rows=len(rows))
+    loadtest_s = args.loadtest_seconds + LOADTEST_START_S + LOADTEST_END_S
+    for name, argv, later in (("bench", args.bench, (BURST_S if args.burst else 0) + loadtest_s),
+                              ("burst", args.burst, loadtest_s)):
+        if argv:
+            report.add(name, *bench(args, model, name, argv, end - time.monotonic() - later))
     for vram in args.plans:
         label = f"validators' step, {vram:g} GiB plan"
         seconds = min(args.loadtest_seconds, end - time.monotonic() - LOADTEST_START_S - LOADTEST_END_S)
@@ -250,6 +249,23 @@ def cmd_measure(args) -> int:
             continue
         report.add(label, *loadtest(args, model, vram, seconds))
     return 0
+
+
+def bench(args, model: Path, name: str, argv: list[str], seconds: float) -> tuple[bool, float, str]:
+    """bench.py under the 6 GiB plan: its rows go to $OUT/{name}_rows.jsonl as each is measured, its tables to
+    $OUT/bench.txt, its progress to $OUT/measure.log (a device call brings back 8 files at most)."""
+    started = time.monotonic()
+    rows_file = args.out / f"{name}_rows.jsonl"
+    try:
+        with (args.out / "bench.txt").open("a") as table, (args.out / "measure.log").open("a") as progress:
+            subprocess.run([sys.executable, "-m", "miner", "bench", "--model", str(model), "--vram-gb", str(VRAM_GB),
+                            "--rows", str(rows_file), *argv], stdout=table, stderr=progress, cwd=ROOT, check=True,
+                           timeout=max(seconds, 20))
+        ok, note = True, ""
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        ok, note = False, f"; stopped: {type(e).__name__} (measure.log)"
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+    return ok, time.monotonic() - started, bench_summary(rows) + note
 
 
 def loadtest(args, model: Path, vram_gb: float, seconds: float) -> tuple[bool, float, str]:
@@ -262,11 +278,11 @@ def loadtest(args, model: Path, vram_gb: float, seconds: float) -> tuple[bool, f
     argv = ["-m", "miner", "loadtest", "--validators", str(args.validators), "--seconds", f"{seconds:.0f}",
             "--config", str(config), "--json", *args.loadtest]
     try:
-        with (args.out / f"{name}.log").open("w") as progress:
+        with (args.out / "measure.log").open("a") as progress:
             out = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, stderr=progress, text=True,
                                  cwd=ROOT, check=True, timeout=seconds + LOADTEST_START_S + LOADTEST_END_S + 60)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        return False, time.monotonic() - started, f"{type(e).__name__}; see {name}.log"
+        return False, time.monotonic() - started, f"{type(e).__name__}; see measure.log"
     (args.out / f"{name}.json").write_text(out.stdout)
     s = json.loads(out.stdout)["summary"]
     p95 = s["answer_p95_s"]
@@ -321,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="VRAM plans (GiB) the validators' step runs against, in order, while time is left")
     measure.add_argument("--validators", type=int, default=8)
     measure.add_argument("--bench", type=shlex.split, default=BENCH, help="bench.py's arguments (default: the GPU set)")
+    measure.add_argument("--burst", type=shlex.split, default=BURST, help="the burst bench's arguments; empty: none")
     measure.add_argument("--loadtest", type=shlex.split, default=[], help="more of loadtest.py's arguments")
     failed.add_argument("--step", required=True)
     failed.add_argument("--log", type=Path, required=True)

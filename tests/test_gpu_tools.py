@@ -120,17 +120,23 @@ def test_the_gpu_check_steps_rehearse_on_the_cpu_with_only_the_gpu_image_and_the
 
     step("model", "--shape", "tiny", "--vocab", str(embedded_model_path()), timeout=120)
     step("prove", timeout=300)
+    tiny_plan = "--n-ctx 4096 --parallel 2"
     step("measure", "--seconds", "150", "--loadtest-seconds", "15", "--validators", "2", "--plans", "6", "--loadtest",
          "--others 1 --api 0", "--bench", "--tasks blueprint --repeat 1 --batch-task blueprint --batch-requests 2 "
-         "--burst 2 --bare-steps 10 --step-cells 600 --n-ctx 4096 --parallel 2", timeout=300)
+         f"--burst 0 --bare-steps 10 --step-cells 600 {tiny_plan}", "--burst", "--tasks '' --batch-requests 0 "
+         f"--bare-steps 0 --step-cells 0 --burst 2 --burst-rounds 2 {tiny_plan}", timeout=300)
     steps = {s["step"]: s for s in json.loads((out / "gpu_check.json").read_text())}
-    assert list(steps) == ["write model", "build", "fit", "load and answer", "clock", "bench",
+    assert list(steps) == ["write model", "build", "fit", "load and answer", "clock", "bench", "burst",
                            "validators' step, 6 GiB plan"]
     assert not steps["build"]["ok"]  # no GPU offload in the CPU build, and it says so
     assert steps["fit"]["ok"] and steps["load and answer"]["ok"], steps
     assert "1 at once: learned" in steps["clock"]["summary"] and "answers ran at" in steps["clock"]["summary"]
     assert steps["bench"]["ok"] and "x raw" in steps["bench"]["summary"], steps["bench"]
-    sections = {json.loads(line)["section"] for line in (out / "bench_rows.jsonl").read_text().splitlines()}
-    assert sections == {"setup", "task", "batching", "burst", "steps"}
+    def sections(name: str) -> set[str]:
+        return {json.loads(line)["section"] for line in (out / f"{name}_rows.jsonl").read_text().splitlines()}
+
+    assert sections("bench") == {"setup", "task", "batching", "steps"} and sections("burst") == {"setup", "burst"}
+    assert steps["burst"]["ok"] and "sharing on" in steps["burst"]["summary"]
+    assert len(list(out.iterdir())) <= 8  # what a device call brings back
     assert "2 validators" in steps["validators' step, 6 GiB plan"]["summary"], steps
     assert "| bench | yes |" in (out / "gpu_check.md").read_text()

@@ -82,23 +82,24 @@ class Admission:
     def expected_wait(self, ticket: Ticket, slots: list[Slot], speed: Speed) -> float:
         """Until a slot frees for this ticket: each busy slot frees when its answer has likely written what
         answers to its schema usually do, all decoding at full load from the cells held now, and by its hard
-        limit at the latest; each ticket ahead then holds a slot for its smallest answer's time at full load
-        (one waiting for fewer answers to decode lets this one by)."""
+        limit at the latest; a free slot opens now, or, while the first in line waits on a running answer's
+        promise, when the first running answer ends; each ticket ahead then holds a slot for its smallest
+        answer's time at full load (one waiting for fewer answers to decode lets this one by)."""
         now = time.monotonic()
         share = self.prefill_share()
-        cells = sum(len(s.cached) for s in slots if s.job is not None)
-        frees = []
-        for slot in slots:
-            job = slot.job
-            if slot.ticket is None or job is None:
-                frees.append(now)
-                continue
-            left = job.left(self.fill.expected(job.shape), Fill.MARGIN)
-            likely = speed.planned(left, len(job.prompt) - job.done_prompt, self.parallel, share, cells)
-            frees.append(min(now + likely, slot.ticket.hard))
+        busy = [s for s in slots if s.ticket is not None and s.job is not None]
+        cells = sum(len(s.cached) for s in busy)
+        ends = [min(now + speed.planned(s.job.left(self.fill.expected(s.job.shape), Fill.MARGIN),
+                                        len(s.job.prompt) - s.job.done_prompt, self.parallel, share, cells),
+                    s.ticket.hard) for s in busy]
+        ahead = sorted(t for t in self.waiting if t < ticket and t.joins_below is None)
+        # The first in line waiting on a running answer's promise: no free slot is taken before one ends.
+        opens = (min(ends) if ends and ahead and self.broken_promise(now, slots, len(busy) + 1,
+                                                                        ahead[0].prompt_tokens, speed) else now)
+        frees = ends + [opens] * (len(slots) - len(busy))
         heapq.heapify(frees)
-        for ahead in sorted(t for t in self.waiting if t < ticket and t.joins_below is None):
-            heapq.heappush(frees, min(heapq.heappop(frees) + ahead.floor_full_s, ahead.hard))  # done by its limit
+        for t in ahead:
+            heapq.heappush(frees, min(heapq.heappop(frees) + t.floor_full_s, t.hard))  # done by its limit
         return frees[0] - now
 
     def broken_promise(self, now: float, slots: list[Slot], sequences: int, prompt_tokens: int,
