@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import shutil
 import statistics
@@ -314,8 +315,10 @@ def bench_summary(rows: list[dict]) -> str:
             f"{r['kv']}: " + ", ".join(f"{n} {r[n]:.1f}" for n in names) for r in steps))
     bursts = [r for r in rows if r["section"] == "burst"]
     if bursts:
-        parts.append("burst: " + ", ".join(f"sharing {r['sharing']} 1st token {r['first_token_mean_s']:.2f} s, "
-                                           f"{r['seconds']:.1f} s, refused {r['refused']}" for r in bursts))
+        parts.append("burst: " + ", ".join(
+            f"sharing {r['sharing']}: {r['valid']} valid, refused {r['refused']}, {r['seconds']:.1f} s"
+            + (f", 1st token {r['first_token_mean_s']:.2f} s" if not math.isnan(r["first_token_mean_s"]) else "")
+            for r in bursts))
     return "; ".join(parts) or "no rows"
 
 
