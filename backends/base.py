@@ -98,6 +98,14 @@ class BackendSettings(BaseModel):
         return self.name or self.type  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True)
+class Gauges:
+    """What a backend is doing now, for /metrics."""
+    running: int  # answers being generated
+    waiting: int  # requests queued for a slot
+    decode_tok_s: dict[int, float]  # learned tokens a second by sequences decoding together
+
+
 class Backend(ABC):
     """One way to generate text. Subclasses set `type` (the YAML `type:` value), `mode` (what validators
     are told: "local", "api" or "custom") and `Settings`."""
@@ -125,6 +133,10 @@ class Backend(ABC):
     @abstractmethod
     def info(self) -> ModelInfo:
         """What validators are told about the model behind this backend."""
+
+    def gauges(self) -> Gauges | None:
+        """What it is doing now; None where it cannot say (an API serves elsewhere)."""
+        return None
 
     def close(self) -> None:
         """Release what the backend holds (model memory, connections)."""

@@ -25,8 +25,8 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from backends import llama_lowlevel as ll
-from backends.base import (Backend, BackendBusy, BackendError, BackendSettings, DeadlineExceeded, Generation, Health,
-                           ModelInfo, Request)
+from backends.base import (Backend, BackendBusy, BackendError, BackendSettings, DeadlineExceeded, Gauges, Generation,
+                           Health, ModelInfo, Request)
 from backends.engine import Engine, Job, Load
 from backends.constraint import Vocabulary
 from backends.llama_build import system_info
@@ -462,6 +462,11 @@ class LlamaCppBackend(Backend):
             return Health(False, str(e))
         news = f"; {self.revived}" if self.revived else ""
         return Health(True, f"{self.model_name}: generated {generation.completion_tokens} tokens ({where}){news}")
+
+    def gauges(self) -> Gauges:
+        engine = self.engine
+        learned = engine.speed.snapshot()["decode_tok_s_by_sequences"]
+        return Gauges(engine.active(), engine.waiting(), learned)
 
     def close(self) -> None:
         with self._calls_done:

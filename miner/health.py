@@ -1,8 +1,9 @@
 """Health: what state the miner is in, for the operator and for pm2, systemd, docker or an uptime monitor.
 
-healthy (exit 0): the first backend in YAML order can serve. degraded (exit 1): only a fallback can, or
-(chain mode) validators cannot reach the miner. down (exit 2): no backend can serve, the config is broken,
-or a running miner's axon does not answer.
+healthy (exit 0): the first backend in YAML order can serve. degraded (exit 1): only a fallback can,
+validators send a protocol the miner does not speak or have requests refused before an answer, or (chain
+mode) validators cannot reach the miner. down (exit 2): no backend can serve, the config is broken, or a
+running miner's axon does not answer.
 
 `python -m miner health [--json] [--config FILE]` asks the running miner first (GET /health on
 127.0.0.1:health.port), so a health check never loads a second copy of the model into VRAM. When no
@@ -11,8 +12,10 @@ layers are asked for, a tiny real generation; API key present and a cheap real c
 The running miner re-checks every health.interval_s, logs changes, and serves the same report
 (miner/health_monitor.py). Each backend checks its own settings in its health() (backends/).
 `--running` (for watchdogs) asks only the running miner: none answering is down, and nothing is loaded.
-A miner on the chain adds its reachability (miner/reachability.py): the axon the chain advertises for its
-hotkey against the one it serves, and whether validators' requests arrive.
+A running miner adds the protocol versions validators send, the requests refused before an answer and
+its last ten minutes (miner/activity.py); on the chain, its reachability (miner/reachability.py: the axon
+the chain advertises for its hotkey against the one it serves, whether validators' requests arrive) and
+its earnings (miner/earnings.py). docs/monitoring.md shows the report.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from typing import Any
 from backends.chain import BackendStatus, Chain
 from backends.llama_build import system_info
 from miner.config import Config, load_config
+from miner.earnings import Earnings
 from miner.errors import ConfigError
 
 LOOPBACK = "127.0.0.1"
@@ -39,7 +43,8 @@ STATE_WORDS = {True: "ok", False: "down", None: "-"}
 CONNECT_TIMEOUT_S = 2.0
 EXIT_CODES = """exit codes:
   0  healthy: the first backend in the YAML serves
-  1  degraded: only a fallback serves, or validators cannot reach the miner (alert, do not restart)
+  1  degraded: only a fallback serves, validators cannot reach the miner, or they send a protocol it does
+     not speak (alert, do not restart; the report says what to fix)
   2  down: no backend can serve, the config is broken, the axon does not accept connections, or with
      --running no running miner answered (restart)"""
 
@@ -56,10 +61,12 @@ NOT_CHECKED = AxonState("-", None, "not checked")
 
 @dataclass(frozen=True)
 class Check:
-    """One more thing the running miner judges, a row of the report: False degrades it."""
+    """One more thing the running miner judges, a row of the report: False degrades it, and the summary
+    says the concern."""
     name: str
     ok: bool | None
     detail: str
+    concern: str = "validators may not reach it"
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,8 @@ class HealthReport:
     axon: AxonState
     build: str  # the llama.cpp build's features where the report was made: a crash report needs them
     checks: tuple[Check, ...] = ()
+    earnings: dict[str, Any] | None = None  # chain mode: miner/earnings.py
+    recent: dict[str, Any] | None = None  # a running miner's last minutes: miner/activity.py
 
     @property
     def exit_code(self) -> int:
@@ -81,9 +90,11 @@ class HealthReport:
 
     @classmethod
     def of(cls, backends: list[BackendStatus], axon: AxonState, config: str, checked_by: str,
-           checks: tuple[Check, ...] = ()) -> HealthReport:
+           checks: tuple[Check, ...] = (), earnings: dict[str, Any] | None = None,
+           recent: dict[str, Any] | None = None) -> HealthReport:
         usable = [b for b in backends if b.ok]
-        failed = [c.name for c in checks if c.ok is False]
+        failing = [c for c in checks if c.ok is False]
+        failed = [c.name for c in failing]
         if not usable:
             status, summary = "down", "no backend can serve"
         elif axon.ok is False:
@@ -92,12 +103,13 @@ class HealthReport:
             status, summary = "healthy", f"serving on {usable[0].name}"
         elif backends[0].ok:
             status = "degraded"
-            summary = f"serving on {usable[0].name}, but validators may not reach it: see {' and '.join(failed)} below"
+            concerns = " and ".join(dict.fromkeys(c.concern for c in failing))
+            summary = f"serving on {usable[0].name}, but {concerns}: see {' and '.join(failed)} below"
         else:
             status, summary = "degraded", f"serving on fallback {usable[0].name} ({backends[0].name} is down)"
         return cls(status, summary, usable[0].name if usable else None, config, checked_by,
                    datetime.now(timezone.utc).isoformat(timespec="seconds"), tuple(backends), axon, system_info(),
-                   tuple(checks))
+                   tuple(checks), earnings, recent)
 
     @classmethod
     def down(cls, summary: str, config: str, checked_by: str) -> HealthReport:
@@ -116,7 +128,7 @@ class HealthReport:
             return cls(data["status"], data["summary"], data["serving"], data["config"], data["checked_by"],
                        data["checked_at"], tuple(BackendStatus(**b) for b in data["backends"]),
                        AxonState(**data["axon"]), data.get("build", "unknown"),
-                       tuple(Check(**c) for c in data.get("checks", ())))
+                       tuple(Check(**c) for c in data.get("checks", ())), data.get("earnings"), data.get("recent"))
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a health report: {type(e).__name__}: {e}") from None
 
@@ -130,9 +142,34 @@ class HealthReport:
         rows += [(b.name, b.type, b.mode, STATE_WORDS[b.ok], b.served, b.busy, b.detail) for b in self.backends]
         rows.append(("axon", "", "", STATE_WORDS[self.axon.ok], "", "", f"{self.axon.address}: {self.axon.detail}"))
         rows += [(c.name, "", "", STATE_WORDS[c.ok], "", "", c.detail) for c in self.checks]
-        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
-        lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) + "  " + str(r[-1]) for r in rows]
+        lines += _table(rows)
+        if self.earnings is not None:
+            lines += ["", *_table([("EARNINGS", "this hotkey's row of the metagraph")] + Earnings(**self.earnings).rows())]
+        if self.recent is not None:
+            lines += ["", *_recent_table(self.recent)]
         return "\n".join(lines)
+
+
+def _table(rows: list[tuple[Any, ...]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
+    return [("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) + "  " + str(r[-1])).rstrip() for r in rows]
+
+
+def _recent_table(recent: dict[str, Any]) -> list[str]:
+    """The last window's answers per task, each figure beside the window before's in brackets."""
+    minutes = f"{recent['window_s'] / 60:g} min"
+    columns = (("SERVED", "served"), ("BUSY", "busy"), ("ERRORS", "errors"), ("P50 S", "p50_s"), ("P95 S", "p95_s"))
+    rows = [(f"LAST {minutes} (the {minutes} before)", *(name for name, _ in columns))]
+    for task, windows in recent["tasks"].items():
+        rows.append((task, *(f"{_figure(windows['now'][key])} ({_figure(windows['before'][key])})"
+                             for _, key in columns)))
+    tokens = recent["tokens_per_s"]
+    rows.append(("tokens a second", f"{tokens['now']} ({tokens['before']})", "", "", "", ""))
+    return _table(rows)
+
+
+def _figure(value: Any) -> str:
+    return "-" if value is None else str(value)
 
 
 def axon_state(host: str, port: int, expected: bool) -> AxonState:

@@ -1,4 +1,5 @@
-"""Inside the running miner: the periodic health check, and GET /health for monitors.
+"""Inside the running miner: the periodic health check, GET /health for monitors and GET /metrics for
+Prometheus (miner/metrics.py), on health.port.
 
 The report itself (what is healthy, the table, the JSON) is miner/health.py.
 """
@@ -15,6 +16,7 @@ from backends.chain import Chain
 from miner.config import Config
 from miner.errors import ConfigError
 from miner.health import LOOPBACK, STATE_WORDS, Check, HealthReport, axon_state
+from miner.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +25,18 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HealthHTTPServer
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        if self.path.split("?")[0] != "/health":
-            self._send(404, {"error": "only GET /health is served here"})
+        path = self.path.split("?")[0]
+        if path == "/metrics" and self.server.metrics_fn is not None:
+            try:
+                body = self.server.metrics_fn()
+            except Exception as e:  # a scrape must fail loudly, never take the health server down
+                log.exception("building /metrics failed")
+                self._send(500, {"error": f"building /metrics failed: {e}"})
+                return
+            self._send_bytes(200, body, CONTENT_TYPE)
+            return
+        if path != "/health":
+            self._send(404, {"error": "GET /health and GET /metrics are served here"})
             return
         try:
             report = self.server.report_fn()
@@ -34,9 +46,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(503 if report.status == "down" else 200, report.to_json())
 
     def _send(self, code: int, payload: dict[str, Any]) -> None:
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self._send_bytes(code, json.dumps(payload, ensure_ascii=False).encode("utf-8"), "application/json")
+
+    def _send_bytes(self, code: int, body: bytes, content_type: str) -> None:
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
@@ -49,18 +63,22 @@ class _Handler(BaseHTTPRequestHandler):
 class _HealthHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     report_fn: Callable[[], HealthReport]
+    metrics_fn: Callable[[], bytes] | None
 
 
 class HealthServer:
-    """GET /health on host:port (port 0: any free port, see .port): 200 healthy/degraded, 503 down."""
+    """GET /health on host:port (port 0: any free port, see .port): 200 healthy/degraded, 503 down; and
+    GET /metrics when metrics_fn is given."""
 
-    def __init__(self, host: str, port: int, report_fn: Callable[[], HealthReport]):
+    def __init__(self, host: str, port: int, report_fn: Callable[[], HealthReport],
+                 metrics_fn: Callable[[], bytes] | None = None):
         try:
             self._server = _HealthHTTPServer((host, port), _Handler)
         except OSError as e:
             raise ConfigError(f"health.port {port}: cannot listen on {host}:{port} ({e.strerror}); set "
                               f"health.port to a free port, or 0 to turn GET /health off") from None
         self._server.report_fn = report_fn
+        self._server.metrics_fn = metrics_fn
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="health-http", daemon=True)
 
@@ -77,12 +95,17 @@ class HealthServer:
 class HealthMonitor:
     """Re-checks the backends every health.interval_s (rebuilding ones that could not be built, so a
     model file put back heals without a restart), logs changes of state, and serves the report on
-    GET /health when health.port is set. `checks` adds rows of the miner's own (chain mode: reachability)."""
+    GET /health when health.port is set. `checks` adds rows of the miner's own (the protocol validators
+    send; chain mode: reachability), `sections` the report's earnings and recent answers, and `metrics`
+    the body of GET /metrics."""
 
     def __init__(self, config: Config, chain: Chain, axon: tuple[str, int], source: str = "the running miner's config",
-                 checks: Callable[[], tuple[Check, ...]] | None = None):
+                 checks: Callable[[], tuple[Check, ...]] | None = None,
+                 sections: Callable[[], dict[str, Any]] | None = None, metrics: Callable[[], bytes] | None = None):
         self.config, self.chain, self.axon, self.source = config, chain, axon, source
         self.checks = checks or (lambda: ())
+        self.sections = sections or (lambda: {})
+        self.metrics = metrics
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="health-check", daemon=True)
         self._last: HealthReport | None = None
@@ -90,7 +113,7 @@ class HealthMonitor:
 
     def report(self) -> HealthReport:
         return HealthReport.of(self.chain.snapshot(), axon_state(*self.axon, expected=True), self.source,
-                               f"running miner (pid {os.getpid()})", self.checks())
+                               f"running miner (pid {os.getpid()})", self.checks(), **self.sections())
 
     def check_now(self) -> HealthReport:
         self.chain.probe(rebuild=True)
@@ -122,12 +145,12 @@ class HealthMonitor:
 
     def start(self) -> None:
         if self.config.health.port:
-            self.server = HealthServer(LOOPBACK, self.config.health.port, self.report)
+            self.server = HealthServer(LOOPBACK, self.config.health.port, self.report, self.metrics)
         self.check_now()
         self._thread.start()
         if self.server is not None:
             self.server.start()
-            log.info("health: GET http://%s:%d/health", LOOPBACK, self.server.port)
+            log.info("health: GET http://%s:%d/health, metrics: GET /metrics", LOOPBACK, self.server.port)
 
     def stop(self) -> None:
         self._stop.set()

@@ -7,8 +7,9 @@ validators whose step starts in the same block send the same request together; t
 Validators start at random phases. --old-loop replays the earlier model instead (a random task, the next
 request 12 s after the answer). The answers are checked against the contract until S seconds have passed.
 By default it starts `python -m miner run --offline` itself (your --config, else the embedded
-demo model) with the validators' hotkeys allowlisted. Data on stdout (a table, or --json), progress on
-stderr.
+demo model) with the validators' hotkeys allowlisted, and scrapes its GET /metrics every 15 s as
+Prometheus would: the miner's own counts are printed beside what the validators saw, with the scrapes'
+times. Data on stdout (a table, or --json), progress on stderr.
 
     storynet-miner loadtest --validators 4 --seconds 600 [--config config.yaml] [--json]
     storynet-miner loadtest --axon 127.0.0.1:8091 --axon-hotkey SS58 --wallets DIR [--pid PID]
@@ -27,11 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import bittensor as bt
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends.llama_lowlevel import Model
 from miner import examples
@@ -73,6 +76,8 @@ class Run:
     rss_start_mib: float | None = None
     rss_end_mib: float | None = None
     rss_series: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, MiB)
+    scrape_ms: list[float] = field(default_factory=list)
+    metrics: str = ""  # the miner's last /metrics
 
 
 def classify(task: str, fields: dict, response: StoryGenerationSynapse) -> tuple[str, str, dict | None]:
@@ -142,13 +147,14 @@ def rss_mib(pid: int | None) -> float | None:
 
 
 def start_miner(config: Path | None, workdir: Path, hotkeys: list[str],
-                miner_log: Path | None) -> tuple[subprocess.Popen, str, str]:
-    """`run --offline` with the validators allowlisted; returns (process, 'host:port', miner hotkey)."""
+                miner_log: Path | None) -> tuple[subprocess.Popen, str, str, str]:
+    """`run --offline` with the validators allowlisted; returns (process, 'host:port', miner hotkey,
+    its /metrics URL)."""
     raw = yaml.safe_load(config.read_text(encoding="utf-8")) if config else {}
     wallet = make_wallet(str(workdir), "loadtest-miner")
-    port = free_port()
+    port, health_port = free_port(), free_port()
     raw = raw or {}
-    raw.update(offline={"allowed_hotkeys": hotkeys}, health={"port": 0},
+    raw.update(offline={"allowed_hotkeys": hotkeys}, health={**(raw.get("health") or {}), "port": health_port},
                wallet={"name": "loadtest-miner", "hotkey": "default", "path": str(workdir)},
                axon={**(raw.get("axon") or {}), "port": port})
     path = workdir / "loadtest-config.yaml"
@@ -165,7 +171,7 @@ def start_miner(config: Path | None, workdir: Path, hotkeys: list[str],
                              + log_path.read_text()[-3000:])
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, f"127.0.0.1:{port}", wallet.hotkey.ss58_address
+                return proc, f"127.0.0.1:{port}", wallet.hotkey.ss58_address, f"http://127.0.0.1:{health_port}/metrics"
         time.sleep(0.5)
     proc.kill()
     raise StartupError(f"the miner did not listen on port {port} within {START_TIMEOUT_S} s")
@@ -218,6 +224,9 @@ def summary(run: Run, seconds: float, validators: int, step: str) -> dict:
         "rss_series_mib": [[round(t), round(m)] for t, m in run.rss_series],
         "rss_after_warm_range": rss_range(run.rss_series),
         "by_task": by_task,
+        "miner_metrics": miner_view(run.metrics) if run.metrics else None,
+        "scrapes": len(run.scrape_ms), "scrape_p50_ms": percentile(run.scrape_ms, 0.5),
+        "scrape_max_ms": max(run.scrape_ms, default=None),
         "mean_answer_s_by_task": {t: round(statistics.mean(xs), 1) for t in TASKS
                                   if (xs := [o.seconds for o in outcomes if o.task == t and o.kind == "valid"])},
     }
@@ -251,6 +260,12 @@ def print_table(s: dict, run: Run) -> None:
         drift = s["rss_after_warm_range"]
         print("miner RSS (s: MiB): " + ", ".join(f"{t}: {m}" for t, m in s["rss_series_mib"])
               + (f"; after {RSS_WARM_S} s within {100 * drift[0]:+.1f}% .. {100 * drift[1]:+.1f}%" if drift else ""))
+    if s["miner_metrics"]:
+        m = s["miner_metrics"]
+        print(f"the miner's /metrics: {m['valid']:.0f} answered, {m['busy']:.0f} busy, {m['error']:.0f} errors "
+              f"(the validators: {s['valid'] + s['invalid']} answered, {s['busy']} busy, {s['error']} errors); "
+              f"{s['scrapes']} scrapes, p50 {s['scrape_p50_ms']:.1f} ms, max {s['scrape_max_ms']:.1f} ms"
+              + (f"; GPU memory in use {m['gpu_used_mib']} MiB" if m["gpu_used_mib"] is not None else ""))
     print(f"{'task':<11}" + "".join(f"{k:>10}" for k in ("valid", "invalid", "busy", "error", "no_answer"))
           + f"{'mean s':>9}")
     for task, counts in s["by_task"].items():
@@ -269,13 +284,46 @@ async def sample_rss(pid: int | None, started: float, end: float, every: float, 
         await asyncio.sleep(min(every, max(end - time.monotonic(), 0.0)))
 
 
-async def load(args, wallets, axon_info, count_tokens, run: Run, pid: int | None) -> float:
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+async def scrape(url: str | None, end: float, every: float, run: Run) -> None:
+    """GET /metrics as Prometheus would, timing each; the last one is kept (taken after the last answer)."""
+    while url:
+        started = time.perf_counter()
+        run.metrics = await asyncio.to_thread(fetch, url)
+        run.scrape_ms.append((time.perf_counter() - started) * 1e3)
+        if time.monotonic() >= end:
+            return
+        await asyncio.sleep(min(every, max(end - time.monotonic(), 0.0)))
+
+
+def miner_view(metrics: str) -> dict[str, float | None]:
+    """What the miner says of itself in /metrics, read with prometheus-client's parser: its answers by
+    outcome, and the GPU memory in use (None without GPU offload)."""
+    view: dict[str, float | None] = {"valid": 0.0, "busy": 0.0, "error": 0.0, "gpu_used_mib": None}
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == "storynet_requests_total":
+                view[sample.labels["outcome"]] += sample.value
+            elif sample.name == "storynet_gpu_memory_used_bytes":
+                view["gpu_used_mib"] = round(sample.value / 2**20)
+    return view
+
+
+async def load(args, wallets, axon_info, count_tokens, run: Run, pid: int | None, metrics_url: str | None) -> float:
     started = time.monotonic()
     end = started + args.seconds
+    validators = asyncio.gather(*(validator(i, w, axon_info, started, end, run, count_tokens, args)
+                                  for i, w in enumerate(wallets)))
     await asyncio.gather(sample_rss(pid, started, end, args.rss_every, run),
-                         *(validator(i, w, axon_info, started, end, run, count_tokens, args)
-                           for i, w in enumerate(wallets)))
-    return time.monotonic() - started
+                         scrape(metrics_url, end, args.scrape_every, run), validators)
+    seconds = time.monotonic() - started
+    if metrics_url:  # after the last answer: the miner's counts are complete
+        await scrape(metrics_url, 0.0, 0.0, run)
+    return seconds
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
@@ -289,6 +337,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="GGUF whose tokenizer counts the tokens served (default: the miner's)")
     parser.add_argument("--miner-log", type=Path, help="keep the started miner's log here (--log-level DEBUG)")
     parser.add_argument("--rss-every", type=float, default=60, help="seconds between samples of the miner's RSS")
+    parser.add_argument("--scrape-every", type=float, default=15, help="seconds between GETs of the started "
+                        "miner's /metrics")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--others", type=float, default=VALIDATOR_TIMEOUT_S,
                         help="seconds the slowest other miner keeps each validator's query open (default: the "
@@ -311,18 +361,18 @@ def command(args: argparse.Namespace) -> int:
         where = args.wallets or Path(tmp)
         wallets = [make_wallet(str(where), f"validator-{i}") for i in range(args.validators)]
         hotkeys = [w.hotkey.ss58_address for w in wallets]
-        proc = None
+        proc, metrics_url = None, None
         if args.axon:
             address, miner_hotkey, pid = args.axon, args.axon_hotkey, args.pid
             print("allowlist these hotkeys (offline.allowed_hotkeys):", *hotkeys, sep="\n  ", file=sys.stderr)
         else:
-            proc, address, miner_hotkey = start_miner(args.config, Path(tmp), hotkeys, args.miner_log)
+            proc, address, miner_hotkey, metrics_url = start_miner(args.config, Path(tmp), hotkeys, args.miner_log)
             pid = proc.pid
         host, port = address.rsplit(":", 1)
         axon_info = bt.AxonInfo(version=0, ip=host, port=int(port), ip_type=4, hotkey=miner_hotkey, coldkey="")
         try:
             run.rss_start_mib = rss_mib(pid)
-            seconds = asyncio.run(load(args, wallets, axon_info, count_tokens, run, pid))
+            seconds = asyncio.run(load(args, wallets, axon_info, count_tokens, run, pid, metrics_url))
             run.rss_end_mib = rss_mib(pid)
         finally:
             if proc is not None:

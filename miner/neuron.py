@@ -23,14 +23,17 @@ from typing import Iterator
 import bittensor as bt
 from bittensor_wallet import Wallet
 
-from miner import __version__, reachability
+from miner import __version__, earnings, reachability
+from miner.activity import Activity
 from miner.config import Config
 from miner.errors import StartupError
 from miner.health import Check
 from miner.health_monitor import HealthMonitor
+from miner.metrics import Metrics
 from miner.protocol import StoryGenerationSynapse, unknown_model_info
 from miner.reachability import Endpoint
-from miner.contract import VALIDATOR_TIMEOUT_S, error_answer
+from miner.refusals import RefusalWatch
+from miner.contract import VALIDATOR_TIMEOUT_S, error_answer, error_of
 from miner.service import Answer, StoryService, clean_text
 from miner.tasks import TASKS
 
@@ -101,6 +104,9 @@ class Miner:
         self.callers = CallerTable()
         self.subtensor = subtensor
         self.metagraph = None
+        self.earnings: earnings.Earnings | None = None  # this hotkey's row, as of the last sync
+        self.metrics = Metrics(service.chain, lambda: self.earnings)
+        self.activity = Activity(lambda hotkey: not self._judge(hotkey)[0], self.metrics)
         self._advertised: Endpoint | None = None  # this hotkey's axon on chain, as of the last sync
         self._served_at = 0.0
         self._last_request: float | None = None  # from a registered hotkey: a validator
@@ -154,7 +160,17 @@ class Miner:
         task = fields["task_type"] if isinstance(fields["task_type"], str) and fields["task_type"] in TASKS else "?"
         log.info("%s for %s: %s in %.2f s", task, caller,  # never a caller's raw text in a log line
                  "ok" if answer.ok else answer.output["error"], answer.seconds)
+        self._record(task, answer, synapse.protocol_version, caller)
         return synapse
+
+    def _record(self, task: str, answer: Answer, version: object, caller: str | None) -> None:
+        error = error_of(answer.output)
+        outcome = "valid" if error is None else "busy" if error[0] == "busy" else "error"
+        generation = answer.generation
+        self.activity.answered(task, outcome, generation.backend if generation else "none", answer.seconds,
+                               generation.completion_tokens if generation else 0, version, caller)
+        if error is not None and error[0] == "input":
+            self.activity.refused("unknown task_type" if task == "?" else "fields out of contract", error[1], caller)
 
     async def blacklist(self, synapse: StoryGenerationSynapse) -> typing.Tuple[bool, str]:
         refused, why = self._judge(synapse.dendrite.hotkey if synapse.dendrite else None)
@@ -208,6 +224,7 @@ class Miner:
                            external_port=a.external_port)
             axon.fast_server.config.host = a.ip
         axon.attach(forward_fn=self.forward, blacklist_fn=self.blacklist, priority_fn=self.priority)
+        axon.app.add_middleware(RefusalWatch, activity=self.activity)
         axon.start()
         self.axon = axon
         self._wait_listening(axon)
@@ -215,7 +232,7 @@ class Miner:
             self._serve_on_chain(axon)
         self._served_at = time.monotonic()
         self.health = HealthMonitor(self.config, self.service.chain, (axon.fast_server.config.host, a.port),
-                                    checks=None if self.offline else self.reach_checks)
+                                    checks=self.checks, sections=self.sections, metrics=self.metrics.render)
         self.health.start()
         log.info("axon serving StoryGenerationSynapse on %s:%d (%s)", axon.fast_server.config.host, a.port,
                  "offline, allowlist only" if self.offline else f"netuid {self.config.netuid}")
@@ -239,7 +256,16 @@ class Miner:
 
     def _read_metagraph(self) -> None:
         self.callers.update(self.metagraph)
-        self._advertised = reachability.advertised(self.metagraph, self.wallet.hotkey.ss58_address)
+        hotkey = self.wallet.hotkey.ss58_address
+        self._advertised = reachability.advertised(self.metagraph, hotkey)
+        self.earnings = earnings.of(self.metagraph, hotkey)
+
+    def checks(self) -> tuple[Check, ...]:
+        """The protocol validators send and their refused requests; chain mode adds reachability."""
+        return self.activity.checks() + (() if self.offline else self.reach_checks())
+
+    def sections(self) -> dict[str, object]:
+        return {"earnings": self.earnings.to_json() if self.earnings else None, "recent": self.activity.recent()}
 
     def reach_checks(self) -> tuple[Check, ...]:
         """Chain mode: the chain's entry for this axon, and whether validators' requests arrive."""

@@ -252,7 +252,8 @@ def fewer_layers(p: Plan) -> Plan | None:
 
 # ---- free VRAM ---------------------------------------------------------------------------------------
 
-def _ggml_free_vram(llama_cpp) -> int | None:
+def _ggml_memory(llama_cpp) -> tuple[int, int] | None:
+    """(free, total) bytes of the first GPU, llama.cpp's main_gpu, as its ggml device API reports them."""
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
     names = [n for n in ("libggml.so", "libggml.dylib", "ggml.dll") if (lib_dir / n).exists()]
     if not names:
@@ -265,11 +266,16 @@ def _ggml_free_vram(llama_cpp) -> int | None:
     ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p] + [ctypes.POINTER(ctypes.c_size_t)] * 2
     for i in range(ggml.ggml_backend_dev_count()):
         dev = ggml.ggml_backend_dev_get(i)
-        if ggml.ggml_backend_dev_type(dev) in GGML_GPU_DEVICE_TYPES:  # the first GPU: llama.cpp's main_gpu
+        if ggml.ggml_backend_dev_type(dev) in GGML_GPU_DEVICE_TYPES:
             free, total = ctypes.c_size_t(), ctypes.c_size_t()
             ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-            return free.value
+            return free.value, total.value
     return None
+
+
+def _ggml_free_vram(llama_cpp) -> int | None:
+    memory = _ggml_memory(llama_cpp)
+    return memory[0] if memory else None
 
 
 def _torch_free_vram(_llama_cpp) -> int | None:
@@ -310,6 +316,15 @@ def _no_gpu_reason() -> str:
         return ("CPU only: llama.cpp can offload but no free-VRAM figure was found; "
                 "give one with --vram-gb (or vram_bytes)")
     return "CPU only: this llama-cpp-python has no GPU offload; for a CUDA build: scripts/setup.sh --cuda"
+
+
+def gpu_memory() -> tuple[int, int] | None:
+    """(used, total) bytes of the first GPU, whoever uses it; None without GPU offload."""
+    llama_cpp = _llama_cpp()
+    if llama_cpp is None or not llama_cpp.llama_supports_gpu_offload():
+        return None
+    memory = _ggml_memory(llama_cpp)
+    return (memory[1] - memory[0], memory[1]) if memory else None
 
 
 def free_vram_bytes() -> int | None:

@@ -1,10 +1,14 @@
-"""Shared fixtures: the embedded model in llama.cpp, throwaway wallets, a loopback-only bittensor."""
+"""Shared fixtures: the embedded model in llama.cpp, throwaway wallets, a loopback-only bittensor, a
+chain-mode miner on the in-memory chain."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import textwrap
 
 import miner  # noqa: F401  (first: it loads llama_cpp before numpy and torch)
+
+from typing import Any
 
 import pytest
 
@@ -34,3 +38,55 @@ def writer(tmp_path) -> CustomSettings:
     """))
     path.chmod(0o755)
     return CustomSettings(type="custom", name="writer", command=[str(path)])
+
+
+@dataclasses.dataclass
+class Served:
+    miner: Any
+    config: str
+    validator: Any  # a bt.Wallet registered with a validator permit
+
+
+@pytest.fixture
+def chain_miner(tmp_path, writer):
+    """start(external_ip, serve_fails=None, row=None, others=()): a chain-mode miner (a real Axon on loopback,
+    answering with `writer`) registered next to one validator and `others`; `row`: its own Neuron fields."""
+    from miner.config import load_config
+    from miner.demo import free_port, make_wallet
+    from miner.neuron import Miner
+    from miner.service import StoryService
+    from backends.chain import Chain
+    from tests.fakes import Neuron, Subtensor
+    started: list[Miner] = []
+
+    def start(external_ip: str, serve_fails: str | None = None, row: dict[str, Any] | None = None,
+              others: tuple[Neuron, ...] = ()) -> Served:
+        wallet, validator = make_wallet(str(tmp_path), "miner"), make_wallet(str(tmp_path), "validator")
+        chain = Subtensor([Neuron(wallet.hotkey.ss58_address, **(row or {})),
+                           Neuron(validator.hotkey.ss58_address, 500.0, True, "8.8.8.8", 8091), *others],
+                          serve_fails=serve_fails)
+        config = tmp_path / "miner.yaml"
+        config.write_text(
+            f"axon:\n  ip: 127.0.0.1\n  port: {free_port()}\n  external_ip: {external_ip}\n"
+            f"health:\n  port: {free_port()}\nbackends:\n  - type: custom\n    command: [{writer.command[0]}]\n")
+        settings = load_config(config)
+        service = StoryService(Chain.from_config(settings.backends, settings.chain), settings.generation)
+        served = Miner(settings, service, wallet, offline=False, subtensor=chain)
+        started.append(served)
+        served.start()
+        return Served(served, str(config), validator)
+
+    yield start
+    for one in started:
+        one.close()
+
+
+@pytest.fixture
+def running_health(capsys):
+    """health(config, *args) -> (exit code, what `health --running` printed)."""
+    from miner.cli import main as cli
+
+    def health(config: str, *args: str) -> tuple[int, str]:
+        code = cli(["health", "--config", config, "--running", *args])
+        return code, capsys.readouterr().out
+    return health

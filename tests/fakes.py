@@ -3,12 +3,13 @@ an answer to serve, and the chain in memory. Everything else in the tests is rea
 
 The chain in memory stands at the one boundary the miner crosses to reach it: the calls it makes on
 bittensor's Subtensor (registration, the metagraph, serving its axon) and what it reads of the Metagraph
-(axons, stakes, permits). No chain can run here; everything on the miner's side of these objects is real,
+(axons, stakes, permits, incentives, emissions, weight updates, registration blocks). No chain can run here; everything on the miner's side of these objects is real,
 and AxonInfo and ExtrinsicResponse are bittensor's own."""
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 from bittensor.core.chain_data import AxonInfo
@@ -89,6 +90,11 @@ class Neuron:
     validator_permit: bool = False
     ip: str = "0.0.0.0"  # what the chain holds for a hotkey that never served an axon
     port: int = 0
+    incentive: float = 0.0
+    emission: float = 0.0
+    consensus: float = 0.0
+    last_update: int = 0  # the block of its last weight update
+    registered_at: int = 0
 
 
 class Metagraph:
@@ -101,6 +107,14 @@ class Metagraph:
                                coldkey="") for n in neurons]
         self.S = np.array([n.stake for n in neurons], dtype=np.float32)
         self.validator_permit = np.array([n.validator_permit for n in neurons], dtype=bool)
+        self.I = np.array([n.incentive for n in neurons], dtype=np.float32)  # noqa: E741 (bittensor's name)
+        self.E = np.array([n.emission for n in neurons], dtype=np.float32)
+        self.C = np.array([n.consensus for n in neurons], dtype=np.float32)
+        self.last_update = np.array([n.last_update for n in neurons], dtype=np.int64)
+        self.block = np.array([subtensor.block], dtype=np.int64)
+        self.block_at_registration = [n.registered_at for n in neurons]
+        self.tempo = subtensor.tempo
+        self.hparams = SimpleNamespace(immunity_period=subtensor.immunity_period)
 
     @property
     def hotkeys(self) -> list[str]:  # as bittensor's: read from the axons
@@ -111,6 +125,9 @@ class Metagraph:
 class Subtensor:
     neurons: list[Neuron]
     serve_fails: str | None = None  # the message of a failed serve_axon (a rate limit, say)
+    block: int = 1000
+    tempo: int = 360
+    immunity_period: int = 5000
     networks: list[str] = field(default_factory=list)
 
     def connect(self, network: str) -> Subtensor:

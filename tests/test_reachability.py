@@ -10,14 +10,10 @@ import bittensor as bt
 import pytest
 from bittensor_wallet import Keypair
 
-from backends.chain import Chain
-from miner.config import load_config
-from miner.demo import free_port, make_wallet
-from miner.cli import main as cli
-from miner.neuron import Miner, no_public_ip_lookup
+from miner import examples
+from miner.neuron import no_public_ip_lookup
 from miner.protocol import StoryGenerationSynapse
 from miner.reachability import QUIET_AFTER_S, Endpoint, advertised, chain_finding, requests_finding
-from miner.service import StoryService
 from tests.fakes import Metagraph, Neuron, Subtensor
 
 MINER = Keypair.create_from_uri("//storyfi-reach-miner").ss58_address
@@ -106,70 +102,33 @@ def test_a_recent_request_is_ok_and_an_old_one_is_silence_again():
 
 # --- a chain-mode miner: a real Axon on loopback, the chain in memory ---------------------------------------------
 
-@dataclasses.dataclass
-class Served:
-    miner: Miner
-    config: str
-    validator: bt.Wallet
-
-
-@pytest.fixture
-def chain_miner(tmp_path, writer):
-    """start(external_ip, serve_fails=None): a chain-mode miner registered next to one validator."""
-    started: list[Miner] = []
-
-    def start(external_ip: str, serve_fails: str | None = None) -> Served:
-        wallet, validator = make_wallet(str(tmp_path), "miner"), make_wallet(str(tmp_path), "validator")
-        chain = Subtensor([Neuron(wallet.hotkey.ss58_address),
-                           Neuron(validator.hotkey.ss58_address, 500.0, True, "8.8.8.8", 8091)],
-                          serve_fails=serve_fails)
-        config = tmp_path / "miner.yaml"
-        config.write_text(
-            f"axon:\n  ip: 127.0.0.1\n  port: {free_port()}\n  external_ip: {external_ip}\n"
-            f"health:\n  port: {free_port()}\nbackends:\n  - type: custom\n    command: [{writer.command[0]}]\n")
-        settings = load_config(config)
-        service = StoryService(Chain.from_config(settings.backends, settings.chain), settings.generation)
-        miner = Miner(settings, service, wallet, offline=False, subtensor=chain)
-        started.append(miner)
-        miner.start()
-        return Served(miner, str(config), validator)
-
-    yield start
-    for miner in started:
-        miner.close()
-
-
-def health(capsys, config: str) -> tuple[int, str]:
-    code = cli(["health", "--config", config, "--running"])
-    return code, capsys.readouterr().out
-
-
 @pytest.mark.slow
-def test_a_miner_serving_a_public_address_reports_it_and_counts_a_validators_request(chain_miner, capsys, caplog):
+def test_a_miner_serving_a_public_address_reports_it_and_counts_a_validators_request(chain_miner, running_health,
+                                                                                     caplog):
     with caplog.at_level(logging.INFO, logger="miner.health_monitor"):
         served = chain_miner(PUBLIC)
     axon = served.miner.axon
     assert f"chain: the chain advertises {PUBLIC}:{axon.port}, what this miner serves" in caplog.text
-    code, out = health(capsys, served.config)
+    code, out = running_health(served.config)
     assert code == 0 and out.startswith("HEALTHY (exit 0)")
     assert "no validator request yet" in out
 
     with no_public_ip_lookup():
         dendrite = bt.Dendrite(wallet=served.validator)
     loopback = dataclasses.replace(axon.info(), ip="127.0.0.1")  # the advertised address is only a label here
-    reply = dendrite.query(axons=[loopback], synapse=StoryGenerationSynapse(task_type="characters", user_input="x"),
+    reply = dendrite.query(axons=[loopback], synapse=StoryGenerationSynapse(**examples.example_fields("blueprint")),
                            timeout=30, deserialize=True)[0]
-    assert "needs blueprint" in reply["error"]  # answered by forward: the request got there
-    code, out = health(capsys, served.config)
+    assert reply["title"] == examples.BLUEPRINT["title"]  # answered by forward: the request got there
+    code, out = running_health(served.config)
     assert code == 0 and "last validator request" in out
 
 
 @pytest.mark.slow
-def test_a_miner_serving_a_private_address_is_degraded_with_the_reason(chain_miner, capsys, caplog):
+def test_a_miner_serving_a_private_address_is_degraded_with_the_reason(chain_miner, running_health, caplog):
     with caplog.at_level(logging.WARNING, logger="miner.health_monitor"):
         served = chain_miner("192.168.1.20")
     assert "chain: 192.168.1.20 is a private (LAN) address" in caplog.text
-    code, out = health(capsys, served.config)
+    code, out = running_health(served.config)
     assert code == 1
     assert out.startswith("DEGRADED (exit 1): serving on custom, but validators may not reach it: see chain below")
     chain_row = next(line for line in out.splitlines() if line.startswith("chain "))
@@ -177,9 +136,9 @@ def test_a_miner_serving_a_private_address_is_degraded_with_the_reason(chain_min
 
 
 @pytest.mark.slow
-def test_a_failed_serve_is_logged_and_the_chain_row_says_no_axon(chain_miner, capsys, caplog):
+def test_a_failed_serve_is_logged_and_the_chain_row_says_no_axon(chain_miner, running_health, caplog):
     with caplog.at_level(logging.WARNING):
         served = chain_miner(PUBLIC, serve_fails="rate limit exceeded: wait 50 blocks")
     assert "serving the axon on chain failed: rate limit exceeded: wait 50 blocks" in caplog.text
-    code, out = health(capsys, served.config)
+    code, out = running_health(served.config)
     assert code == 1 and "the chain advertises 0.0.0.0:0, no axon" in out

@@ -180,7 +180,7 @@ def get(url: str) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-def test_a_running_miners_health_endpoint_shows_no_key(key, logs, server, tmp_path):
+def test_a_running_miners_health_and_metrics_endpoints_show_no_key(key, logs, server, tmp_path):
     """A real miner (Axon on loopback) whose one backend is refused with the key echoed back."""
     port = free_port()
     config = Config(health=HealthSettings(port=port), axon=AxonSettings(port=free_port()),
@@ -190,12 +190,14 @@ def test_a_running_miners_health_endpoint_shows_no_key(key, logs, server, tmp_pa
     try:
         miner.start()
         status, body = get(f"http://127.0.0.1:{port}/health")
+        scraped, metrics = get(f"http://127.0.0.1:{port}/metrics")
     finally:
         miner.close()
         service.chain.close()
     assert status == 503 and json.loads(body)["status"] == "down" and REDACTED in body
+    assert scraped == 200 and "storynet_miner_info" in metrics
     assert "backend cloud is down" in logs.text
-    assert_kept_secret(body, logs=logs, sdk="openai")
+    assert_kept_secret(body, metrics, logs=logs, sdk="openai")
 
 
 # Writes its whole environment to a file and to stderr, then fails: what a careless or hostile program does.
