@@ -30,6 +30,7 @@ WINDOW_S = 600.0  # "the last ten minutes", against the ten before
 FRESH_S = 3600.0  # a new version or a refusal seen within this keeps health degraded
 MAX_LABELS = 16  # distinct versions remembered: a caller cannot grow memory or /metrics without end
 OTHER = "other"
+MAX_CALLERS = 256  # a subnet's uids: more distinct callers than that are not validators
 UPDATE_FIX = ("update the miner: `git pull && scripts/setup.sh`, then restart it (pm2 restart, or "
               "systemctl restart storyfi-miner)")
 OUTCOMES = ("valid", "busy", "error")
@@ -58,22 +59,19 @@ class Seen:
     def add(self, now: float, caller: str | None) -> None:
         self.count += 1
         self.last = now
-        if caller and len(self.callers) < 1000:
+        if caller and len(self.callers) < MAX_CALLERS:
             self.callers.add(caller)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"first": _when(self.first), "last": _when(self.last), "requests": self.count,
-                "callers": len(self.callers), **({"first_error": self.text} if self.text else {})}
 
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
         return None
-    return sorted_values[min(int(q * len(sorted_values)), len(sorted_values) - 1)]
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 class Activity:
@@ -190,14 +188,9 @@ class Activity:
         tokens = {name: round(sum(a[4] for a in rows) / WINDOW_S, 1) for name, rows in windows.items()}
         return {"window_s": WINDOW_S, "tasks": table, "tokens_per_s": tokens}
 
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {"versions": {v: s.to_json() for v, s in self.versions.items()},
-                    "refusals": {r: s.to_json() for r, s in self.refusals.items()}}
-
 
 def _summary(rows: list[tuple[float, str, str, float, int]]) -> dict[str, Any]:
-    seconds = sorted(a[3] for a in rows if a[2] == "valid")
+    seconds = [a[3] for a in rows if a[2] == "valid"]
     counts = {outcome: sum(1 for a in rows if a[2] == outcome) for outcome in OUTCOMES}
     p50, p95 = percentile(seconds, 0.5), percentile(seconds, 0.95)
     return {"served": counts["valid"], "busy": counts["busy"], "errors": counts["error"],

@@ -38,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backends.llama_lowlevel import Model
 from miner import examples
+from miner.activity import percentile
 from miner.contract import VALIDATOR_TIMEOUT_S, answer_of, error_of
 from miner.demo import free_port, make_wallet
 from miner.errors import ConfigError, StartupError
@@ -186,13 +187,6 @@ def model_path(config: Path | None, given: str | None) -> Path:
         return Path(first["model_path"]).expanduser()
     from models.embedded import embedded_model_path
     return embedded_model_path()
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def summary(run: Run, seconds: float, validators: int, step: str) -> dict:

@@ -109,8 +109,8 @@ class RefusalWatch:
         # A Dendrite reads the reason from the body, then from this header, which wins
         replaced = {b"content-length": str(len(payload)).encode(),
                     STATUS_HEADER: text.encode("latin-1", "replace")}
-        kept = [(k, v) for k, v in start.get("headers", []) if k.lower() not in replaced]
-        return [{**start, "headers": kept + list(replaced.items())},
+        others = [(k, v) for k, v in start.get("headers", []) if k.lower() not in replaced]
+        return [{**start, "headers": others + list(replaced.items())},
                 {"type": "http.response.body", "body": payload, "more_body": False}]
 
 

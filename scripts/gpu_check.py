@@ -291,6 +291,9 @@ def loadtest(args, model: Path, vram_gb: float, seconds: float) -> tuple[bool, f
                f"{s['busy']} busy, {s['error']} errors, {s['invalid']} invalid, {s['no_answer']} no answer; "
                f"answer p50 {s['answer_p50_s']} s, p95 {p95} s (full time points up to 30 s); "
                f"{s['tokens_per_s']} tok/s served")
+    gpu_mib = (s.get("miner_metrics") or {}).get("gpu_used_mib")
+    if gpu_mib is not None:
+        summary += f"; GPU memory in use at the end {gpu_mib:,} MiB (the miner's /metrics)"
     return s["requests"] > 0 and s["valid"] == s["requests"], time.monotonic() - started, summary
 
 

@@ -14,6 +14,7 @@ import bittensor as bt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from backends.chain import BackendStatus
 from miner import __version__, examples
 from miner.activity import FRESH_S, MAX_LABELS, OTHER, WINDOW_S, Activity
 from miner.earnings import of as earnings_of
@@ -39,6 +40,10 @@ def record(serves=lambda hotkey: hotkey != "5Stranger") -> tuple[Activity, Clock
     return Activity(serves, clock=clock), clock
 
 
+def backend_up() -> BackendStatus:
+    return BackendStatus("local", "llama_cpp", "local", True, "fine", 0, 0)
+
+
 # --- protocol drift and refusals -------------------------------------------------------------------------------
 
 def test_a_new_protocol_version_is_warned_once_and_degrades_health_with_the_fix(caplog):
@@ -61,11 +66,6 @@ def test_a_new_protocol_version_is_warned_once_and_degrades_health_with_the_fix(
                               "see protocol below")
     clock.now += FRESH_S + 1  # validators went back, or the miner was updated and restarted
     assert activity.checks()[0].ok is True
-
-
-def backend_up():
-    from backends.chain import BackendStatus
-    return BackendStatus("local", "llama_cpp", "local", True, "fine", 0, 0)
 
 
 def test_refusals_are_counted_by_reason_with_the_first_error_and_only_from_served_callers():
@@ -113,7 +113,7 @@ def test_the_last_ten_minutes_beside_the_ten_before():
     tasks = recent["tasks"]
     assert tasks["blueprint"]["before"] == {"served": 4, "busy": 0, "errors": 0, "p50_s": 7.0, "p95_s": 40.0}
     assert tasks["blueprint"]["now"] == {"served": 0, "busy": 1, "errors": 0, "p50_s": None, "p95_s": None}
-    assert tasks["chapters"]["now"] == {"served": 20, "busy": 0, "errors": 1, "p50_s": 20.0, "p95_s": 29.0}
+    assert tasks["chapters"]["now"] == {"served": 20, "busy": 0, "errors": 1, "p50_s": 20.0, "p95_s": 28.0}
     assert tasks["all"]["now"]["served"] == 20 and tasks["all"]["before"]["served"] == 4
     assert recent["tokens_per_s"] == {"now": 20.0, "before": 0.7}
     report = HealthReport.of([backend_up()], AxonState("127.0.0.1:1", True, "up"), "test", "test", recent=recent)
@@ -256,3 +256,20 @@ def test_a_future_protocol_through_a_real_axon_is_named_in_health_and_metrics(ch
         assert metrics[("storynet_refused_requests_total", (("reason", reason),))] == 1
     assert metrics[("storynet_incentive_rank", ())] == 2 and metrics[("storynet_incentive", ())] == pytest.approx(0.05)
     assert metrics[("storynet_miner_info", (("protocol", "3.2.1"), ("version", __version__)))] == 1
+
+
+def test_metrics_read_the_llama_cpp_engine_when_scraped(embedded_backend):
+    """The gauges come from the engine at scrape time: its queue, its running answers, what it learned."""
+    from backends.chain import BackendState, Chain
+    from miner.metrics import Metrics
+    from models import fit
+    text = Metrics(Chain([BackendState(embedded_backend, "local")])).render().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("storynet_running_answers", (("backend", "local"),))] == 0
+    assert samples[("storynet_waiting_requests", (("backend", "local"),))] == 0
+    learned = embedded_backend.engine.speed.snapshot()["decode_tok_s_by_sequences"]
+    assert {n: samples[("storynet_decode_tokens_per_second", (("backend", "local"), ("sequences", str(n))))]
+            for n in learned} == learned
+    on_gpu = any(name == "storynet_gpu_memory_used_bytes" for name, _ in samples)
+    assert on_gpu == (fit.gpu_memory() is not None)  # only with GPU offload
