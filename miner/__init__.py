@@ -8,3 +8,4 @@ with contextlib.suppress(ImportError):
 
 __version__ = "0.1.0"
 PROTOCOL_VERSION = "3.2.1"  # StorynetAI/storynet-subnet; 3.2.0 requests are still served
+PROTOCOLS = (PROTOCOL_VERSION, "3.2.0")  # the versions this miner speaks

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
-from miner import PROTOCOL_VERSION
+from miner import PROTOCOLS
 from miner.health import Check
 
 if TYPE_CHECKING:
@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPOKEN = (PROTOCOL_VERSION, "3.2.0", "")  # validators may leave the version empty
+SPOKEN = (*PROTOCOLS, "")  # validators may leave the version empty
+SPEAKS = " and ".join(PROTOCOLS)
 WINDOW_S = 600.0  # "the last ten minutes", against the ten before
 FRESH_S = 3600.0  # a new version or a refusal seen within this keeps health degraded
 MAX_LABELS = 16  # distinct versions remembered: a caller cannot grow memory or /metrics without end
@@ -87,7 +88,7 @@ class Activity:
         # (wall time, task, outcome, seconds, tokens) of the last two windows' answers, oldest first
         self._answers: deque[tuple[float, str, str, float, int]] = deque()
 
-    def _version(self, value: Any, caller: str | None, now: float) -> str:
+    def _version(self, value: Any, caller: str | None, now: float) -> None:
         label = version_label(value)
         with self._lock:
             if label not in self.versions and len(self.versions) >= MAX_LABELS:
@@ -101,8 +102,7 @@ class Activity:
             self.metrics.version(label)
         if new and label not in SPOKEN:
             log.warning("protocol drift: a validator (%s) sends protocol_version %r; this miner speaks %s. To "
-                        "serve it, %s", caller, label, " and ".join(v for v in SPOKEN if v), UPDATE_FIX)
-        return label
+                        "serve it, %s", caller, label, SPEAKS, UPDATE_FIX)
 
     def answered(self, task: str, outcome: str, backend: str, seconds: float, tokens: int, version: Any,
                  caller: str | None) -> None:
@@ -126,11 +126,13 @@ class Activity:
             self._version(version, caller, now)
         with self._lock:
             seen = self.refusals.get(reason)
-            if seen is None:
+            new = seen is None
+            if new:
                 seen = self.refusals[reason] = Seen(now, now, text=text[:300])
-                log.warning("a validator's request (%s) was refused before an answer was tried: %s: %s",
-                            caller, reason, seen.text)
             seen.add(now, caller)
+        if new:
+            log.warning("a validator's request (%s) was refused before an answer was tried: %s: %s", caller,
+                        reason, seen.text)
         if self.metrics is not None:
             self.metrics.refusal(reason)
 
@@ -143,14 +145,14 @@ class Activity:
         with self._lock:
             versions = {v: (s.count, len(s.callers), s.first, s.last) for v, s in self.versions.items()}
         if not versions:
-            return Check("protocol", None, f"no request yet; this miner speaks {PROTOCOL_VERSION} and 3.2.0")
+            return Check("protocol", None, f"no request yet; this miner speaks {SPEAKS}")
         new = {v: s for v, s in versions.items() if v not in SPOKEN and now - s[3] < FRESH_S}
         if new:
             said = "; ".join(f"{v!r} from {_count(callers, 'validator')} since {_when(first)} "
                              f"({_count(count, 'request')})"
                              for v, (count, callers, first, _) in sorted(new.items(), key=lambda kv: kv[1][2]))
-            return Check("protocol", False, f"validators send protocol {said}; this miner speaks "
-                         f"{PROTOCOL_VERSION} and 3.2.0: {UPDATE_FIX}",
+            return Check("protocol", False, f"validators send protocol {said}; this miner speaks {SPEAKS}: "
+                         f"{UPDATE_FIX}",
                          "validators send a protocol this miner does not speak")
         spoken = ", ".join(f"{v or 'an empty version'} ({_count(s[0], 'request')})"
                            for v, s in sorted(versions.items(), key=lambda kv: -kv[1][0]))

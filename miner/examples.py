@@ -73,7 +73,6 @@ VALIDATOR_PROMPTS = ("一个关于赛博朋克黑客的故事", "一个关于太
                      "一个末日生存的故事", "一个都市悬疑推理故事", "一个奇幻魔法世界的故事", "一个时间旅行的故事",
                      "一个AI觉醒的故事")
 VALIDATOR_TASK_WEIGHTS = {"blueprint": 0.40, "characters": 0.25, "story_arc": 0.25, "chapters": 0.10}
-PROTOCOLS = ("3.2.1", "3.2.0")
 _MOCKS = {  # per protocol: (blueprint, [(name, archetype) per role, in ROLES order])
     "3.2.1": ({"title": "Sample Story", "genre": "Sci-Fi", "setting": "Future World", "core_conflict": "Human vs AI",
                "themes": ["Technology", "Ethics"], "tone": "Suspenseful", "target_audience": "Adults"},

@@ -37,7 +37,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends.llama_lowlevel import Model
-from miner import examples
+from miner import PROTOCOL_VERSION, PROTOCOLS, examples
 from miner.activity import percentile
 from miner.contract import VALIDATOR_TIMEOUT_S, answer_of, error_of
 from miner.demo import free_port, make_wallet
@@ -338,7 +338,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds the slowest other miner keeps each validator's query open (default: the "
                              "60 s timeout)")
     parser.add_argument("--api", type=float, default=5.0, help="seconds each validator's scoring call takes")
-    parser.add_argument("--protocol", choices=examples.PROTOCOLS, default=examples.PROTOCOL_VERSION,
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=PROTOCOL_VERSION,
                         help="the validators' protocol: its request shapes and mock contexts")
     parser.add_argument("--old-loop", action="store_true",
                         help="the earlier model: a random task, the next request 12 s after each answer")
