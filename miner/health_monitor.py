@@ -12,11 +12,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from backends.chain import Chain
 from miner.config import Config
 from miner.errors import ConfigError
 from miner.health import LOOPBACK, STATE_WORDS, Check, HealthReport, axon_state
-from miner.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class _Handler(BaseHTTPRequestHandler):
                 log.exception("building /metrics failed")
                 self._send(500, {"error": f"building /metrics failed: {e}"})
                 return
-            self._send_bytes(200, body, CONTENT_TYPE)
+            self._send_bytes(200, body, CONTENT_TYPE_LATEST)
             return
         if path != "/health":
             self._send(404, {"error": "GET /health and GET /metrics are served here"})

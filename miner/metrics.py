@@ -12,7 +12,6 @@ from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from backends.chain import Chain
 from miner import PROTOCOL_VERSION, __version__
@@ -21,7 +20,6 @@ from models import fit
 
 # Validators give full time points up to 30 s and none from 60 s (docs/protocol.md): edges around both.
 ANSWER_BUCKETS = (1, 2.5, 5, 10, 15, 20, 25, 30, 40, 50, 60)
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class _Now:

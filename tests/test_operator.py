@@ -189,12 +189,16 @@ def row(report: str, name: str) -> str:
     return " ".join(next(line for line in report.splitlines() if line.startswith(name + " ")).split()[1:])
 
 
+def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text, read with prometheus-client's own parser: (name, sorted labels) -> value."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/plain; version=")
-        text = response.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+        return samples_of(response.read().decode())
 
 
 @pytest.mark.slow
@@ -263,9 +267,7 @@ def test_metrics_read_the_llama_cpp_engine_when_scraped(embedded_backend):
     from backends.chain import BackendState, Chain
     from miner.metrics import Metrics
     from models import fit
-    text = Metrics(Chain([BackendState(embedded_backend, "local")])).render().decode()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
+    samples = samples_of(Metrics(Chain([BackendState(embedded_backend, "local")])).render().decode())
     assert samples[("storynet_running_answers", (("backend", "local"),))] == 0
     assert samples[("storynet_waiting_requests", (("backend", "local"),))] == 0
     learned = embedded_backend.engine.speed.snapshot()["decode_tok_s_by_sequences"]
