@@ -2,7 +2,8 @@
 
 A miner starts offline with the configured (or embedded) model; a real Dendrite signed by a throwaway
 wallet sends the four tasks in the order a story is built, each answer becoming the next one's
-context, and every answer is held against the contract. Exit 0 only if all four meet it.
+context, and every answer is held against the contract and read back as a 3.2.1 validator rebuilds it and
+forwards it for scoring (miner/forwarded.py). Exit 0 only if all four meet the contract and arrive whole.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from miner import examples
 from miner.config import Config
 from miner.contract import VALIDATOR_TIMEOUT_S, answer_of, error_of
 from miner.neuron import Miner, no_public_ip_lookup
-from miner.protocol import StoryGenerationSynapse
+from miner.forwarded import StoryGenerationSynapse, forward
 from miner.service import StoryService
 from miner.tasks import TASKS, ContractError, Context
 
@@ -61,7 +62,8 @@ def _contract_check(task: str, answer: Any, ctx: Context) -> str | None:
         TASKS[task].check(answer_of(answer), ctx)
     except ContractError as e:
         return str(e)
-    return None
+    sent = forward(answer, task)
+    return "; ".join(sent.problems) if sent.problems else None
 
 
 def run_demo(config: Config, user_input: str | None = None) -> int:
@@ -79,7 +81,7 @@ def run_demo(config: Config, user_input: str | None = None) -> int:
             for task in TASKS:
                 fields = {"task_type": task, "user_input": context["user_input"],
                           **{k: context.get(k) or fallback[k] for k in TASKS[task].needs}}
-                synapse = StoryGenerationSynapse(**fields)
+                synapse = StoryGenerationSynapse(**fields)  # the 3.2.1 validators' own class
                 started = time.monotonic()
                 answer = dendrite.query(axons=[miner.axon.info()], synapse=synapse,
                                         timeout=VALIDATOR_TIMEOUT_S, deserialize=True)[0]
@@ -87,8 +89,10 @@ def run_demo(config: Config, user_input: str | None = None) -> int:
                 problem = _contract_check(task, answer, service.prepare(fields)[1])
                 failures += problem is not None
                 model = (answer or {}).get("model_info", {}).get("name", "?") if isinstance(answer, dict) else "?"
+                sent = forward(answer, task).task_type
                 print(f"== {task}: {'meets the contract' if problem is None else 'FAILED: ' + problem} "
-                      f"in {seconds:.1f} s ({model})")
+                      f"in {seconds:.1f} s ({model}); a 3.2.1 validator forwards it for scoring as "
+                      + ("an answer that breaks its step" if sent is None else f"task_type {sent!r}"))
                 print(json.dumps(answer, ensure_ascii=False, indent=2))
                 sys.stdout.flush()
                 if problem is None and task != "chapters":

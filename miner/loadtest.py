@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from miner.contract import VALIDATOR_TIMEOUT_S, answer_of, error_of
 from miner.demo import free_port, make_wallet
 from miner.errors import ConfigError, StartupError
 from miner.neuron import no_public_ip_lookup
+from miner import forwarded
 from miner.protocol import StoryGenerationSynapse
 from miner.service import GenerationSettings, TaskInputError, prepare
 from miner.tasks import TASKS, ContractError
@@ -56,6 +58,9 @@ BURST_WINDOW_S = BLOCK_S  # identical requests this close together: the validato
 FULL_MARKS_S = 30
 START_TIMEOUT_S = 600
 RSS_WARM_S = 120  # the first requests grow the miner's memory (caches, buffers); it should stay flat after
+# The client class per protocol: 3.2.1 validators query with their own strict declaration (3.2.0's takes the
+# miner's lenient one, whose field types accept what 3.2.0 sent).
+SYNAPSES = {"3.2.1": forwarded.StoryGenerationSynapse}
 
 
 @dataclass
@@ -69,6 +74,10 @@ class Outcome:
     detail: str = ""
     chars: int = 0  # of the answer's compact JSON
     tokens: int = 0
+    # As the validator rebuilds the answer and sends it for scoring (miner/forwarded.py): the task_type
+    # forwarded (None: the rebuild raised, and every miner of that step got nothing), and what was wrong.
+    forwarded_task_type: str | None = ""
+    forward_problems: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -110,14 +119,17 @@ async def validator(n: int, wallet, axon_info, started: float, end: float, run: 
         else:
             task, prompt = examples.validator_task(FIRST_BLOCK + args.seed + int((now - started) // BLOCK_S))
         fields = examples.validator_fields(task, prompt, args.protocol)
-        response = await dendrite.forward(axons=[axon_info], synapse=StoryGenerationSynapse(**fields),
-                                          timeout=VALIDATOR_TIMEOUT_S, deserialize=False)
+        synapse = SYNAPSES.get(args.protocol, StoryGenerationSynapse)(**fields)
+        response = (await dendrite.forward(axons=[axon_info], synapse=synapse, timeout=VALIDATOR_TIMEOUT_S,
+                                           deserialize=False))[0]
         seconds = time.monotonic() - now
-        kind, detail, answer = classify(task, fields, response[0])
+        kind, detail, answer = classify(task, fields, response)
+        sent = forwarded.forward(response.output_data if response.is_success else None, task)
         text = json.dumps(answer, ensure_ascii=False, separators=(",", ":")) if answer else ""
         run.outcomes.append(Outcome(n, task, prompt, round(now - started, 2), kind, round(seconds, 2), detail,
-                                    len(text), count_tokens(text) if text else 0))
-        log.info("validator %d: %-10s %-9s %5.1f s %s", n, task, kind, seconds, detail[:120])
+                                    len(text), count_tokens(text) if text else 0, sent.task_type, sent.problems))
+        log.info("validator %d: %-10s %-9s %5.1f s, forwarded as %s %s", n, task, kind, seconds,
+                 "a broken step" if sent.task_type is None else repr(sent.task_type), detail[:120])
         # 3.2.1: the query ends with the slowest miner, then the scoring service, then the sleep
         wait = SLEEP_S if args.old_loop else max(args.others - seconds, 0.0) + args.api + SLEEP_S
         await asyncio.sleep(min(wait, max(end - time.monotonic(), 0.0)))
@@ -197,8 +209,14 @@ def summary(run: Run, seconds: float, validators: int, step: str) -> dict:
     by_task = {t: {k: sum(o.kind == k and o.task == t for o in outcomes) for k in kinds} for t in TASKS}
     in_bursts = [o for g in bursts(outcomes) if len(g) > 1 for o in g]
     burst_answered = [o.seconds for o in in_bursts if o.kind in ("valid", "invalid")]
+    answers = [o for o in outcomes if o.kind != "no_answer"]
     return {
         "validators": validators, "step": step, "seconds": round(seconds), "requests": len(outcomes), **kinds,
+        "forwarded_intact": sum(not o.forward_problems for o in answers),
+        "forwarded_wrong": sum(bool(o.forward_problems) and o.forwarded_task_type is not None for o in answers),
+        "breaks_step": sum(o.forwarded_task_type is None for o in answers),
+        "forwarded_as": {t: dict(Counter("(a broken step)" if o.forwarded_task_type is None else o.forwarded_task_type
+                                         for o in answers if o.task == t)) for t in TASKS},
         "valid_share": round(kinds["valid"] / len(outcomes), 3) if outcomes else None,
         "answer_p50_s": percentile(answered, 0.5), "answer_p95_s": percentile(answered, 0.95),
         "answer_max_s": max(answered, default=None),
@@ -239,6 +257,12 @@ def print_table(s: dict, run: Run) -> None:
     print(f"validators {s['validators']} ({s['step']}), {s['seconds']} s, {s['requests']} requests: "
           f"{s['valid']} valid ({100 * (s['valid_share'] or 0):.1f}%), {s['invalid']} invalid, {s['busy']} busy, "
           f"{s['error']} errors, {s['no_answer']} no answer")
+    print(f"forwarded for scoring as a 3.2.1 validator rebuilds them: {s['forwarded_intact']} of "
+          f"{s['requests'] - s['no_answer']} answers intact with the step's task_type, {s['forwarded_wrong']} "
+          f"changed on the way, {s['breaks_step']} the rebuild refuses (each costs every miner of its step); "
+          "task_type forwarded, by the step's task: " + "; ".join(
+              f"{task} as " + ", ".join(f"{sent!r} x{n}" for sent, n in counts.items())
+              for task, counts in s["forwarded_as"].items() if counts))
     fmt = lambda v: "-" if v is None else f"{v:.1f} s"  # noqa: E731
     print(f"answer latency p50 {fmt(s['answer_p50_s'])}, p95 {fmt(s['answer_p95_s'])}, max {fmt(s['answer_max_s'])}; "
           f"valid within 30 s: {100 * (s['within_30s_share'] or 0):.1f}% of requests; "
@@ -268,6 +292,8 @@ def print_table(s: dict, run: Run) -> None:
     for o in run.outcomes:
         if o.kind != "valid":
             print(f"  {o.task} {o.kind} after {o.seconds} s: {o.detail}")
+        if o.forward_problems and o.kind != "no_answer":
+            print(f"  {o.task} forwarded as {o.forwarded_task_type!r}: {'; '.join(o.forward_problems)}")
 
 
 async def sample_rss(pid: int | None, started: float, end: float, every: float, run: Run) -> None:

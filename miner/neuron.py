@@ -30,11 +30,11 @@ from miner.errors import StartupError
 from miner.health import Check
 from miner.health_monitor import HealthMonitor
 from miner.metrics import Metrics
-from miner.protocol import StoryGenerationSynapse, unknown_model_info
+from miner.protocol import StoryGenerationSynapse
 from miner.reachability import Endpoint
 from miner.refusals import RefusalWatch
-from miner.contract import VALIDATOR_TIMEOUT_S, error_answer, error_of
-from miner.service import Answer, StoryService, clean_text
+from miner.contract import VALIDATOR_TIMEOUT_S, error_of, unknown_model_info
+from miner.service import Answer, StoryService, clean_text, failed_answer
 from miner.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class Miner:
             self._in_flight += 1
         try:
             if self._closing:
-                answer = Answer(error_answer("busy", SHUTTING_DOWN), time.monotonic() - arrived)
+                answer = failed_answer("busy", SHUTTING_DOWN, fields["task_type"], arrived)
             else:
                 answer = await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(
                     self.service.answer, fields, synapse.timeout, known.stake if known else 0.0, arrived,

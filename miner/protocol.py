@@ -21,10 +21,6 @@ for _name, _logger in list(logging.root.manager.loggerDict.items()):
         _logger.setLevel(logging.NOTSET)
 
 
-def unknown_model_info() -> Dict[str, Any]:
-    return {"mode": "unknown", "name": "unknown", "version": None, "provider": None, "parameters": {}}
-
-
 class StoryGenerationSynapse(bt.Synapse):
     """Inputs are typed loosely on purpose: the Axon parses the body into this class before the miner sees
     it, and a value pydantic refuses there becomes an HTTP 500 with no answer. Any JSON is accepted here

@@ -2,6 +2,7 @@
 check the answer against the contract, and build output_data (the answer, or a clear error)."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -180,6 +181,12 @@ def prepare(fields: dict[str, Any], s: GenerationSettings) -> tuple[Task, Contex
     return spec, ctx
 
 
+def failed_answer(kind: str, text: str, task_type: Any, started: float) -> Answer:
+    """An error answer (contract.ERROR_KINDS) to a request that came in at `started` (time.monotonic())."""
+    seconds = time.monotonic() - started
+    return Answer(with_miner_fields(error_answer(kind, text), task_type, None, seconds), seconds)
+
+
 class StoryService:
     def __init__(self, chain: Chain, settings: GenerationSettings):
         self.chain = chain
@@ -194,7 +201,7 @@ class StoryService:
         schema = spec.schema(ctx)
         return Request(
             messages=spec.messages(ctx, language, schema), schema=schema, max_tokens=spec.max_tokens(ctx),
-            deadline=deadline, target=target, resize=lambda sized: spec.messages(ctx, language, sized),
+            deadline=deadline, target=target, resize=functools.partial(spec.messages, ctx, language),
             language_sample=language_sample(ctx.user_input, language), priority=priority,
             temperature=self.settings.temperature, top_p=self.settings.top_p,
             repeat_penalty=self.settings.repeat_penalty,
@@ -219,11 +226,11 @@ class StoryService:
             log.warning("request failed: %s", e)
             kind = ("input" if isinstance(e, TaskInputError) else
                     "busy" if isinstance(e, AllBackendsFailed) and e.busy else "failed")
-            return Answer(error_answer(kind, str(e)), time.monotonic() - start)
+            return failed_answer(kind, str(e), fields.get("task_type"), start)
         except Exception as e:  # a bug must cost one answer, never the miner: say so, log the trace
             log.exception("request failed unexpectedly")
-            return Answer(error_answer("internal", f"internal error ({type(e).__name__}); the miner's log has "
-                                                   f"the details"), time.monotonic() - start)
+            return failed_answer("internal", f"internal error ({type(e).__name__}); the miner's log has the "
+                                             f"details", fields.get("task_type"), start)
         seconds = time.monotonic() - start
         info = generation.model.to_wire()
-        return Answer(with_miner_fields(output, info, seconds), seconds, info, generation)
+        return Answer(with_miner_fields(output, spec.name, info, seconds), seconds, info, generation)

@@ -18,11 +18,12 @@ from miner.config import Config, GenerationSettings
 from miner.demo import make_wallet, start_offline_miner
 from miner.neuron import Miner, no_public_ip_lookup
 from miner.protocol import StoryGenerationSynapse
-from miner.contract import VALIDATOR_TIMEOUT_S, answer_of
+from miner.contract import VALIDATOR_TIMEOUT_S, answer_of, unknown_model_info
+from miner.forwarded import forward
 from miner.service import StoryService, prepare
 from miner.tasks import TASKS, Context
 from tests.fakes import FakeBackend, chain_of
-from tests.validator_synapses import VALIDATOR_SYNAPSES, read_as_321
+from tests.validator_synapses import VALIDATOR_SYNAPSES
 
 pytestmark = pytest.mark.slow  # a real Axon and the embedded model
 
@@ -57,10 +58,11 @@ def test_each_task_answers_a_321_validator_as_it_reads_the_answer(served, task):
     fields = examples.validator_fields(task, examples.VALIDATOR_PROMPTS[list(TASKS).index(task)])
     output = ask(validator, miner, VALIDATOR_SYNAPSES["3.2.1"](**fields), deserialize=True)
     assert isinstance(output, dict) and "error" not in output, output
-    answer, model_info, generation_time = read_as_321(output)
-    TASKS[task].check(answer, prepare(fields, GenerationSettings())[1])
-    assert model_info["mode"] == "local" and "embedded demo model" in model_info["name"]
-    assert 0 < generation_time < 60
+    sent = forward(output, task)  # as the validator rebuilds it and sends it for scoring
+    assert sent.problems == [] and sent.task_type == task
+    TASKS[task].check(answer_of(sent.entry["output_data"]), prepare(fields, GenerationSettings())[1])
+    assert sent.entry["model_info"]["mode"] == "local" and "embedded demo model" in sent.entry["model_info"]["name"]
+    assert 0 < sent.entry["generation_time"] < 60
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -88,8 +90,10 @@ def test_a_chinese_request_as_validators_send_it(served):
 def test_deserialize_returns_output_data(served):
     miner, validator, _ = served
     synapse = StoryGenerationSynapse(task_type="characters", user_input="x")  # no blueprint: a quick error
-    assert ask(validator, miner, synapse, deserialize=True) == {
-        "error": "task characters needs blueprint; the request has none", "error_kind": "input"}
+    output = ask(validator, miner, synapse, deserialize=True)
+    assert 0 <= output.pop("generation_time") < 5
+    assert output == {"error": "task characters needs blueprint; the request has none", "error_kind": "input",
+                      "task_type": "characters", "model_info": unknown_model_info()}
 
 
 def test_allowlist_rejects_an_unknown_hotkey(served):

@@ -16,7 +16,9 @@ from backends.base import Backend, BackendError, Generation, Health, ModelInfo, 
 from backends.chain import BackendState, Chain
 from miner import examples
 from miner.config import Config, GenerationSettings
+from miner.contract import MINER_FIELDS
 from miner.demo import make_wallet, start_offline_miner
+from miner.forwarded import forward
 from miner.neuron import no_public_ip_lookup
 from miner.protocol import StoryGenerationSynapse
 from miner.service import MAX_CONTEXT_DEPTH, StoryService
@@ -120,7 +122,8 @@ def random_fields(wire: bool, anything: st.SearchStrategy) -> st.SearchStrategy[
 
 
 def assert_clear(output: Any) -> None:
-    assert isinstance(output, dict) and list(output) == ["error", "error_kind"], output
+    assert isinstance(output, dict) and list(output) == ["error", "error_kind", *MINER_FIELDS], output
+    assert not forward(output, output["task_type"]).problems  # a 3.2.1 validator's rebuild takes it whole
     assert output["error_kind"] in ("input", "failed", "busy"), output  # never "internal": that is a bug
     error = output["error"]
     assert isinstance(error, str) and error.strip()

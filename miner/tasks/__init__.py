@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from miner.contract import TASK_TYPES
 from miner.errors import ContractError, TaskInputError
 from miner.tasks.blueprint import Blueprint
 from miner.tasks.chapters import Chapters
@@ -19,6 +20,7 @@ from miner.tasks.task import Context, Task
 __all__ = ["TASKS", "Task", "Context", "ContractError", "TaskInputError", "parse_json_object"]
 
 TASKS: dict[str, Task] = {task.name: task for task in (Blueprint(), Characters(), StoryArc(), Chapters())}
+assert tuple(TASKS) == TASK_TYPES, "the synapse's task_type takes exactly these (miner/contract.py)"
 
 
 def parse_json_object(text: str) -> dict[str, Any]:

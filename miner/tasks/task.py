@@ -3,6 +3,7 @@ is a Task that says what it needs, what it asks the model for, the JSON schema a
 the contract's rules; asking (messages) and checking (check) work alike for every task, here."""
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -10,6 +11,8 @@ from typing import Any, ClassVar
 from miner.errors import ContractError
 from miner.tasks.common import language_instruction, prefix_before
 from miner.tasks.context import context_part
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,10 @@ class Task(ABC):
         return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
 
     def check(self, obj: Any, ctx: Context) -> dict[str, Any]:
-        """Return the object if it meets the contract, else raise ContractError listing every problem and,
-        where the task can tell, the start of the answer a retry may keep."""
+        """Return the answer, its contract's keys only, if it meets the contract; else raise ContractError
+        listing every problem and, where the task can tell, the start of the answer a retry may keep.
+        Keys an API adds are dropped: a 3.2.1 validator sets each key that names a synapse field on a
+        synapse of its own, and a value that field refuses costs every miner of its step (contract.py)."""
         if not isinstance(obj, dict):
             raise ContractError(f"{self.name}: expected a JSON object, got {type(obj).__name__}")
         problems = self.problems(obj, ctx)
@@ -73,4 +78,8 @@ class Task(ABC):
             path = self.retry_path(obj, ctx) if len(problems) == 1 else None  # a lone problem is worth it
             raise ContractError(f"{self.name}: " + "; ".join(problems),
                                 retry_from=prefix_before(obj, path) if path else None)
-        return obj
+        keys = self.schema(ctx)["properties"]
+        extra = [key for key in obj if key not in keys]
+        if extra:
+            log.debug("%s: dropped keys outside the contract: %s", self.name, ", ".join(map(repr, extra[:10])))
+        return {key: obj[key] for key in keys}
