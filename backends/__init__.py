@@ -13,7 +13,7 @@ from importlib import import_module  # noqa: E402
 from backends.base import Backend, BackendError, BackendSettings
 
 REGISTRY: dict[str, str] = {
-    "llama_cpp": "backends.llama_cpp:LlamaCppBackend",
+    "llama_cpp": "backends.llama_process:LlamaCppProcess",
     "openai": "backends.openai_api:OpenAIBackend",
     "gemini": "backends.gemini_api:GeminiBackend",
     "custom": "backends.custom_command:CustomCommandBackend",

@@ -82,8 +82,9 @@ class Generation:
 
 @dataclass(frozen=True)
 class Health:
-    ok: bool
+    ok: bool  # can serve now
     detail: str
+    degraded: bool = False  # serves, but something the operator should fix is wrong (the detail says what)
 
 
 class BackendSettings(BaseModel):
@@ -104,6 +105,9 @@ class Gauges:
     running: int  # answers being generated
     waiting: int  # requests queued for a slot
     decode_tok_s: dict[int, float]  # learned tokens a second by sequences decoding together
+    last_step_age_s: float | None = None  # since the engine last finished a step (None: none yet)
+    restarts: int | None = None  # engine processes restarted since the miner started (None: not supervised)
+    gpu_memory: tuple[int, int] | None = None  # (used, total) bytes of the GPU the engine runs on
 
 
 class Backend(ABC):

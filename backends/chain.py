@@ -69,6 +69,7 @@ class BackendStatus:
     cooling_down_s: float
     served: int
     busy: int = 0  # a default: a running miner from before busy was counted still serves a readable report
+    degraded: bool = False  # serves, but the detail names something to fix
 
 
 def _build(settings: Any) -> BackendState:
@@ -231,7 +232,7 @@ class Chain:
                 if cooling and health.ok:
                     detail = f"skipped for {cooling:.0f} s after failing: {state.last_error}"
                 rows.append(BackendStatus(state.label, state.type, state.mode, state.usable(now), detail,
-                                          round(cooling, 1), state.served, state.busy))
+                                          round(cooling, 1), state.served, state.busy, health.degraded))
         return rows
 
     def serving(self) -> BackendState | None:

@@ -28,6 +28,7 @@ from backends import llama_lowlevel as ll
 from backends.base import (Backend, BackendBusy, BackendError, BackendSettings, DeadlineExceeded, Gauges, Generation,
                            Health, ModelInfo, Request)
 from backends.engine import Engine, Job, Load
+from backends.engine.step_clock import STALL_FLOOR_S, StepClock, stall_limit, stalled
 from backends.constraint import Vocabulary
 from backends.llama_build import system_info
 from backends.sizing import CharCost, Cost, fit_schema, shrink, strings_in, worst_case
@@ -82,6 +83,16 @@ class LlamaCppSettings(BackendSettings):
         "auto", description="Map the model file instead of reading it into memory. A mapped file must not be "
         "overwritten in place while the miner runs (the process dies of SIGBUS); mapping lets a model larger "
         "than RAM run. auto: read it when it fits in half the RAM, map it otherwise.")
+    engine_process: bool = Field(
+        True, description="Run the model and its engine in a child process the miner supervises: a crash or a "
+        "CUDA fault there costs the answers in flight, not the miner, and a step that stops returning is caught; "
+        "the child is restarted. false: in the miner's own process (a fault there takes the miner down).")
+    stall_s: float = Field(
+        STALL_FLOOR_S, ge=1, description="A step that has run max(stall_s, 10x its planned time) counts as "
+        "stalled: health says down, and a supervised engine process is killed and restarted.")
+    vram_margin: float = Field(
+        0.10, ge=0, le=10, description="GPU memory the engine process may use beyond its plan, as a share of the "
+        "plan, before health says degraded (memory that grows over days is a leak or fragmentation).")
 
     @field_validator("n_gpu_layers")
     @classmethod
@@ -107,6 +118,19 @@ class LlamaCppSettings(BackendSettings):
             raise ValueError(f"parallel ({self.parallel}) must not exceed n_batch ({self.n_batch}): every "
                              f"decoding request needs a token of each step's batch")
         return self
+
+
+def offload_problem(asked: int | str, plan: fit.Plan, gpu_build: bool) -> tuple[bool, str] | None:
+    """(down, what to do) when GPU offload was asked for and no layer got a device: with a number asked it is
+    down, with auto on a build that has GPU offload degraded (a driver fault or a lost device after a restart
+    looks exactly like this, and runs every layer on the CPU, slowly); None when all is as asked."""
+    if plan.n_gpu_layers != 0 or asked == 0 or (asked == "auto" and not gpu_build):
+        return None
+    why = plan.notes[0].removeprefix("CPU only: ") if plan.notes else "no GPU was found"
+    if asked == "auto":
+        return False, (f"n_gpu_layers is auto and this llama.cpp build has GPU offload, but every layer runs on the "
+                       f"CPU ({why}): check the driver with `nvidia-smi`, then restart the miner")
+    return True, f"n_gpu_layers is {asked}, but the model runs on the CPU: {why}; or set n_gpu_layers: 0"
 
 
 def check_gguf(path: Path) -> None:
@@ -187,11 +211,14 @@ class LlamaCppBackend(Backend):
     mode = "local"
     Settings = LlamaCppSettings
 
-    def __init__(self, name: str, path: Path, settings: LlamaCppSettings, display_name: str | None = None):
+    def __init__(self, name: str, path: Path, settings: LlamaCppSettings, display_name: str | None = None,
+                 clock: StepClock | None = None):
+        """clock: where the engine marks each step (shared memory when a supervisor watches it)."""
         super().__init__(name)
         check_gguf(path)
         self.path = path
         self.settings = settings
+        self.clock = clock if clock is not None else StepClock()
         try:
             profile = load_profile(path)
         except (ModelError, OSError) as e:
@@ -206,6 +233,8 @@ class LlamaCppBackend(Backend):
         started = time.monotonic()
         log.info("llama.cpp %s, build: %s", ll.version(), system_info())  # before the load: a crash names it
         self._file = file_identity(path)
+        # GPU memory in use before the load: what the engine's own use is measured from (backends/llama_process.py)
+        self.gpu_used_before_load = (fit.gpu_memory() or (None,))[0] if plan.n_gpu_layers else None
         self.model, self.ctx, self.plan, self.parallel = load_planned(path, plan, settings)
         self.engine: Engine | None = None
         self._calls, self._closed, self._calls_done = 0, False, threading.Condition()
@@ -238,7 +267,7 @@ class LlamaCppBackend(Backend):
     def _start_engine(self) -> None:
         """A new engine, warmed up before anyone can reach it: a request on another thread sees the old one
         (stopped: it waits in _revive) or this one, ready."""
-        engine = Engine(self.model, self.ctx, self._vocab, self.parallel)
+        engine = Engine(self.model, self.ctx, self._vocab, self.parallel, clock=self.clock)
         warm_up = self.prompt_tokens([{"role": "user", "content": WARM_UP_TEXT * 3}])
         try:
             engine.start(warm_up[:192])
@@ -269,15 +298,22 @@ class LlamaCppBackend(Backend):
             log.warning("%s: %s", self.name, self.revived)
 
     @classmethod
-    def from_settings(cls, settings: LlamaCppSettings) -> LlamaCppBackend:
+    def from_settings(cls, settings: LlamaCppSettings, clock: StepClock | None = None) -> LlamaCppBackend:
+        """In this process, whatever settings.engine_process says (backends/llama_process.py reads it)."""
         if settings.model_path:
-            return cls(settings.label, Path(settings.model_path).expanduser(), settings)
+            return cls(settings.label, Path(settings.model_path).expanduser(), settings, clock=clock)
         try:
             path = embedded_model_path()
         except EmbeddedModelMissing as e:
             raise BackendError(str(e)) from None
         log.info("no model_path configured: using the embedded demo model %s", DISPLAY_NAME)
-        return cls(settings.label, path, settings, display_name=DISPLAY_NAME)
+        return cls(settings.label, path, settings, display_name=DISPLAY_NAME, clock=clock)
+
+    def facts(self) -> dict[str, Any]:
+        """What a supervisor in another process needs to know of this load, once."""
+        return {"info": self.info(), "parallel": self.parallel, "n_gpu_layers": self.plan.n_gpu_layers,
+                "estimated_vram_bytes": self.plan.estimated_vram_bytes,
+                "gpu_used_before_load": self.gpu_used_before_load}
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -440,12 +476,16 @@ class LlamaCppBackend(Backend):
         return Health(health.ok, f"{health.detail}; but {problem}") if problem else health
 
     def _health(self) -> Health:
-        asked = self.settings.n_gpu_layers
-        if asked not in ("auto", 0) and self.plan.n_gpu_layers == 0:  # llama.cpp would say nothing of it
-            why = self.plan.notes[0].removeprefix("CPU only: ")
-            return Health(False, f"n_gpu_layers is {asked}, but the model runs on the CPU: {why}; or set "
-                                 f"n_gpu_layers: 0")
+        offload = offload_problem(self.settings.n_gpu_layers, self.plan, fit.gpu_offload())
+        if offload and offload[0]:  # llama.cpp would say nothing of it
+            return Health(False, offload[1])
+        if (running := stalled(self.clock, self.settings.stall_s)) is not None:
+            return Health(False, f"{self.model_name}: stalled: a llama.cpp step has run {running:.0f} s (limit "
+                                 f"{stall_limit(self.clock.planned, self.settings.stall_s):.0f} s); set "
+                                 f"engine_process: true to have it restarted, or restart the miner")
         where = f"{self.plan.n_gpu_layers} layers on GPU" if self.plan.n_gpu_layers else "CPU only"
+        if offload:
+            return Health(True, f"{self.model_name}: {offload[1]}", degraded=True)
         if not self.engine.alive():
             self._revive()
         if not self.engine.alive():
@@ -466,7 +506,9 @@ class LlamaCppBackend(Backend):
     def gauges(self) -> Gauges:
         engine = self.engine
         learned = engine.speed.snapshot()["decode_tok_s_by_sequences"]
-        return Gauges(engine.active(), engine.waiting(), learned)
+        # Only a process with layers on the GPU asks it: asking makes a CUDA context, hundreds of MiB of VRAM.
+        memory = fit.gpu_memory() if self.plan.n_gpu_layers else None
+        return Gauges(engine.active(), engine.waiting(), learned, self.clock.last_step_age_s(), gpu_memory=memory)
 
     def close(self) -> None:
         with self._calls_done:

@@ -48,6 +48,7 @@ from backends import llama_lowlevel as ll
 from backends.base import Request
 from backends.chain import BackendState, Chain
 from backends.llama_cpp import LlamaCppBackend, LlamaCppSettings, default_threads
+from backends.llama_process import LlamaCppProcess
 from miner import examples
 from miner.config import GenerationSettings
 from miner.contract import error_of
@@ -160,6 +161,24 @@ def context_of(fields: dict) -> Context:
     return prepare(fields, GenerationSettings())[1]
 
 
+IN_PROCESS = "miner (llguidance + forced batches)"
+IN_CHILD = "miner, engine in a child process"
+
+
+def note_process_cost(rows: Rows) -> None:
+    """The child process's rows against the same work in this process."""
+    task_rows = rows.sections.get("task", [])
+    for row in (r for r in task_rows if r["path"] == IN_CHILD):
+        own = next(r for r in task_rows if r["path"] == IN_PROCESS and r["task"] == row["task"])
+        rows.note(f"{row['task']}, one answer: in a child process {row['tok_per_s'] / own['tok_per_s']:.3f}x the "
+                  f"tok/s in the miner's own process")
+    batching = rows.sections.get("batching", [])
+    for row in (r for r in batching if r["path"].startswith("miner in a child process")):
+        own = next(r for r in batching if r["path"].startswith("miner,") and r["at_once"] == row["at_once"])
+        rows.note(f"batching, {row['at_once']} at once: in a child process {row['tok_per_s'] / own['tok_per_s']:.3f}x "
+                  f"the tok/s in the miner's own process")
+
+
 def full_size_request(fields: dict) -> Request:
     """The task's request at full size: no resizing, so every run is asked for the same answer."""
     spec, ctx = TASKS[fields["task_type"]], context_of(fields)
@@ -169,10 +188,32 @@ def full_size_request(fields: dict) -> Request:
                    language_sample=language_sample(ctx.user_input, "auto"))
 
 
-def miner_run(backend: LlamaCppBackend, fields: dict, seed: int) -> tuple[str, int, float]:
-    backend.engine.forget_cached()
-    backend.seed = seed
-    g = backend.generate(full_size_request(fields))
+class Levers:
+    """What bench does to the engine it measures, in this process or in a process of its own
+    (backends/llama_process.py, through the calls that process answers)."""
+
+    def __init__(self, backend: LlamaCppBackend | LlamaCppProcess):
+        self.backend = backend
+        self.own = isinstance(backend, LlamaCppProcess)
+        self.parallel = backend.parallel
+
+    def forget_cached(self) -> None:
+        self.backend.call("forget_cached") if self.own else self.backend.engine.forget_cached()
+
+    def seed(self, seed: int | None) -> None:
+        self.backend.call("set_seed", seed) if self.own else setattr(self.backend, "seed", seed)
+
+    def stats(self) -> dict[str, float]:
+        return self.backend.call("stats") if self.own else dict(self.backend.engine.stats)
+
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.backend.call("prompt_tokens", messages) if self.own else self.backend.prompt_tokens(messages)
+
+
+def miner_run(levers: Levers, fields: dict, seed: int) -> tuple[str, int, float]:
+    levers.forget_cached()
+    levers.seed(seed)
+    g = levers.backend.generate(full_size_request(fields))
     return g.text, g.completion_tokens, g.seconds
 
 
@@ -183,49 +224,50 @@ def task_row(task: str, path: str, prompt: int, runs: list[tuple[str, int, float
             "valid": f"{sum(valid(task, t, ctx) for t, _, _ in runs)}/{len(runs)}"}
 
 
-def bench_tasks(backend: LlamaCppBackend, tasks: list[str], repeat: int, rows: Rows) -> list[dict]:
+def bench_tasks(levers: Levers, tasks: list[str], repeat: int, rows: Rows, path: str) -> list[dict]:
     """The miner's runs of each task, a row each as it finishes; returns the raw runs to match them (same
     prompt, seed and length)."""
     runs = []
     for task in tasks:
         fields = examples.example_fields(task)
         messages = full_size_request(fields).messages
-        log.info("%s: the miner, %d runs", task, repeat)
-        rejected = backend.engine.stats["rejected_draws"]
-        mine = [miner_run(backend, fields, seed) for seed in range(repeat)]
-        row = task_row(task, "miner (llguidance + forced batches)", len(backend.prompt_tokens(messages)), mine,
-                       context_of(fields))
+        log.info("%s: %s, %d runs", task, path, repeat)
+        rejected = levers.stats()["rejected_draws"]
+        mine = [miner_run(levers, fields, seed) for seed in range(repeat)]
+        row = task_row(task, path, len(levers.prompt_tokens(messages)), mine, context_of(fields))
         # the grammar's lazy check: draws it refused (each cost a full mask and a second draw), of the tokens drawn
-        row["refused_draws"] = (backend.engine.stats["rejected_draws"] - rejected) / max(sum(n for _, n, _ in mine), 1)
+        row["refused_draws"] = (levers.stats()["rejected_draws"] - rejected) / max(sum(n for _, n, _ in mine), 1)
         rows.add("task", row)
         runs += [{"task": task, "messages": messages, "max_tokens": n, "seed": seed}
                  for seed, (_, n, _) in enumerate(mine)]
     return runs
 
 
-def bench_batching(backend: LlamaCppBackend, task: str, requests: int, rows: Rows) -> list[dict]:
+def bench_batching(levers: Levers, task: str, requests: int, rows: Rows, path: str) -> list[dict]:
     """A row per number at once; returns each row's work (prompt, tokens written) for the same-work loop."""
     fields = [examples.validator_fields(task, examples.VALIDATOR_PROMPTS[i % 8]) for i in range(requests)]
     work = []
-    for at_once in sorted({1, min(2, backend.parallel), backend.parallel}):
-        backend.engine.forget_cached()
-        log.info("batching: %d %s requests, %d at once", requests, task, at_once)
-        stats = dict(backend.engine.stats)
+    first = None
+    for at_once in sorted({1, min(2, levers.parallel), levers.parallel}):
+        levers.forget_cached()
+        log.info("batching: %d %s requests, %d at once (%s)", requests, task, at_once, path)
+        stats = levers.stats()
         started = time.perf_counter()
         with ThreadPoolExecutor(at_once) as pool:
-            done = list(pool.map(lambda f: backend.generate(full_size_request(f)), fields))
+            done = list(pool.map(lambda f: levers.backend.generate(full_size_request(f)), fields))
         seconds = time.perf_counter() - started
-        steps, step_s, decode_s, prepares, prepare_s = (backend.engine.stats[k] - stats[k] for k in (
+        after = levers.stats()
+        steps, step_s, decode_s, prepares, prepare_s = (after[k] - stats[k] for k in (
             "steps", "step_s", "decode_s", "prepares", "prepare_s"))
         tokens = sum(g.completion_tokens for g in done)
         ok = sum(valid(task, g.text, context_of(f)) for g, f in zip(done, fields))
-        one = rows.sections["batching"][0]["tok_per_s"] if rows.sections.get("batching") else tokens / seconds
-        rows.add("batching", {"path": f"miner, {requests} {task} requests", "at_once": at_once, "tokens": tokens,
-                              "seconds": seconds, "tok_per_s": tokens / seconds, "vs_one_at_a_time": tokens / seconds / one,
+        first = first or tokens / seconds
+        rows.add("batching", {"path": f"{path}, {requests} {task} requests", "at_once": at_once, "tokens": tokens,
+                              "seconds": seconds, "tok_per_s": tokens / seconds, "vs_one_at_a_time": tokens / seconds / first,
                               "valid": f"{ok}/{requests}", "ms_per_step": 1000 * step_s / steps,
                               "python_ms_per_step": 1000 * (step_s - decode_s) / steps,
                               "admission_ms": 1000 * prepare_s / max(prepares, 1)})
-        work.append({"at_once": at_once, "work": [(backend.prompt_tokens(full_size_request(f).messages),
+        work.append({"at_once": at_once, "work": [(levers.prompt_tokens(full_size_request(f).messages),
                                                    g.completion_tokens) for f, g in zip(fields, done)]})
     return work
 
@@ -422,10 +464,10 @@ def raw_llama_cpp(backend: LlamaCppBackend, n_threads: int, jobs: dict, rows: Ro
     plan = backend.plan  # the miner's own plan: the same layers, context and cache type
     load = {"model_path": str(backend.path), "n_gpu_layers": plan.n_gpu_layers, "n_ctx": plan.n_ctx,
             "flash_attn": plan.flash_attn, "n_threads": n_threads, "kv_cache_type": plan.kv_cache_type}
-    mine = {r["task"]: r for r in rows.sections.get("task", [])}
+    mine = {r["task"]: r for r in rows.sections.get("task", []) if r["path"] == IN_PROCESS}
     runs_left = list(jobs["runs"])
     by_task: dict[str, list] = {}
-    batching = {r["at_once"]: r for r in rows.sections.get("batching", [])}
+    batching = {r["at_once"]: r for r in rows.sections.get("batching", []) if r["path"].startswith("miner,")}
     bare_one = None
     log.info("raw llama.cpp: %d runs and the bare loops, in a process of its own", len(runs_left))
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
@@ -486,6 +528,9 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bare-steps", type=int, default=200, help="steps of the bare loop's rows; 0 skips them")
     parser.add_argument("--step-cells", type=int, default=400,
                         help="KV cells each sequence holds in the step rows (about a validator's prompt); 0 skips them")
+    parser.add_argument("--no-engine-process", dest="engine_process", action="store_false",
+                        help="skip the rows that run the one-answer and batching work again with the engine in a "
+                             "child process, as the miner serves")
     parser.add_argument("--rows", type=Path, help="also append every row to this file as a JSON line, as it is measured")
     parser.add_argument("--json", action="store_true", help="one JSON document at the end instead of tables")
 
@@ -512,20 +557,30 @@ def command(args: argparse.Namespace) -> int:
                        "vram_added_mib": gpu_after - gpu_before if gpu_after is not None else None,
                        "n_threads": n_threads, "measured": backend.engine.speed.snapshot()})
     try:
-        runs = bench_tasks(backend, args.tasks, args.repeat, rows)
-        work = bench_batching(backend, args.batch_task, args.batch_requests, rows) if args.batch_requests else []
+        runs = bench_tasks(Levers(backend), args.tasks, args.repeat, rows, IN_PROCESS)
+        work = (bench_batching(Levers(backend), args.batch_task, args.batch_requests, rows, "miner")
+                if args.batch_requests else [])
         if args.burst:
             bench_burst(backend, args.burst_task, args.burst, args.burst_rounds, rows)
         parallel, kv_unified = backend.parallel, backend.ctx.kv_unified
     finally:
         backend.close()
+    if args.engine_process and (args.tasks or args.batch_requests):
+        child = LlamaCppProcess(settings)  # the same work through the process boundary the miner serves with
+        try:
+            bench_tasks(Levers(child), args.tasks, args.repeat, rows, IN_CHILD)
+            if args.batch_requests:
+                bench_batching(Levers(child), args.batch_task, args.batch_requests, rows, "miner in a child process")
+        finally:
+            child.close()
+        note_process_cost(rows)
     bare = sorted({1, min(2, parallel), parallel}) if args.batch_requests and args.bare_steps else []
     raw_llama_cpp(backend, n_threads, {"runs": runs, "same_work": work, "kv_unified": kv_unified,
                                        "bare_sequences": bare, "bare_steps": args.bare_steps,
                                        "step_cells": args.step_cells}, rows)
     for r in rows.sections.get("batching", []):
         if "admission_ms" in r:
-            rows.note(f"miner at {r['at_once']} at once: admitting a request (sizing, prompt, constraint) took "
+            rows.note(f"{r['path']}, {r['at_once']} at once: admitting a request (sizing, prompt, constraint) took "
                       f"{r['admission_ms']:.1f} ms on the engine thread")
     rows.dump()
     return 0

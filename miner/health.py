@@ -1,6 +1,7 @@
 """Health: what state the miner is in, for the operator and for pm2, systemd, docker or an uptime monitor.
 
 healthy (exit 0): the first backend in YAML order can serve. degraded (exit 1): only a fallback can,
+the first one serves but names something to fix (its GPU memory grown past the plan, GPU offload lost),
 validators send a protocol the miner does not speak or have requests refused before an answer, or (chain
 mode) validators cannot reach the miner. down (exit 2): no backend can serve, the config is broken, or a
 running miner's axon does not answer.
@@ -43,8 +44,9 @@ STATE_WORDS = {True: "ok", False: "down", None: "-"}
 CONNECT_TIMEOUT_S = 2.0
 EXIT_CODES = """exit codes:
   0  healthy: the first backend in the YAML serves
-  1  degraded: only a fallback serves, validators cannot reach the miner, or they send a protocol it does
-     not speak (alert, do not restart; the report says what to fix)
+  1  degraded: only a fallback serves, the first backend names something to fix (GPU memory, GPU offload),
+     validators cannot reach the miner, or they send a protocol it does not speak (alert, do not restart;
+     the report says what to fix)
   2  down: no backend can serve, the config is broken, the axon does not accept connections, or with
      --running no running miner answered (restart)"""
 
@@ -99,12 +101,14 @@ class HealthReport:
             status, summary = "down", "no backend can serve"
         elif axon.ok is False:
             status, summary = "down", f"the axon at {axon.address} does not accept connections"
-        elif backends[0].ok and not failed:
+        elif backends[0].ok and not failed and not backends[0].degraded:
             status, summary = "healthy", f"serving on {usable[0].name}"
         elif backends[0].ok:
             status = "degraded"
             concerns = " and ".join(dict.fromkeys(c.concern for c in failing))
-            summary = f"serving on {usable[0].name}, but {concerns}: see {' and '.join(failed)} below"
+            why = [f"{backends[0].name}: {backends[0].detail}"] if backends[0].degraded else []
+            why += [f"{concerns}: see {' and '.join(failed)} below"] if failing else []
+            summary = f"serving on {usable[0].name}, but " + "; and ".join(why)
         else:
             status, summary = "degraded", f"serving on fallback {usable[0].name} ({backends[0].name} is down)"
         return cls(status, summary, usable[0].name if usable else None, config, checked_by,
@@ -139,7 +143,8 @@ class HealthReport:
                  f"llama.cpp build: {self.build}"]
         # SERVED and BUSY count requests since the miner started: answered, and refused for load (not failed).
         rows = [("BACKEND", "TYPE", "MODE", "STATE", "SERVED", "BUSY", "DETAIL")]
-        rows += [(b.name, b.type, b.mode, STATE_WORDS[b.ok], b.served, b.busy, b.detail) for b in self.backends]
+        rows += [(b.name, b.type, b.mode, "degraded" if b.ok and b.degraded else STATE_WORDS[b.ok], b.served, b.busy,
+                  b.detail) for b in self.backends]
         rows.append(("axon", "", "", STATE_WORDS[self.axon.ok], "", "", f"{self.axon.address}: {self.axon.detail}"))
         rows += [(c.name, "", "", STATE_WORDS[c.ok], "", "", c.detail) for c in self.checks]
         lines += _table(rows)

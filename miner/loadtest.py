@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
+import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -81,11 +84,21 @@ class Outcome:
 
 
 @dataclass
+class Fault:
+    at_s: float  # into the run
+    kind: str  # kill (SIGKILL) or stall (SIGSTOP: the process stops, as a hung driver call stops it)
+    pid: int
+
+
+@dataclass
 class Run:
     outcomes: list[Outcome] = field(default_factory=list)
     rss_start_mib: float | None = None
     rss_end_mib: float | None = None
     rss_series: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, MiB)
+    engine_rss_series: list[tuple[float, int, float]] = field(default_factory=list)  # (s, engine pid, MiB)
+    faults: list[Fault] = field(default_factory=list)
+    scrape_failures: list[str] = field(default_factory=list)
     scrape_ms: list[float] = field(default_factory=list)
     metrics: str = ""  # the miner's last /metrics
 
@@ -235,9 +248,12 @@ def summary(run: Run, seconds: float, validators: int, step: str) -> dict:
         "rss_end_mib": run.rss_end_mib and round(run.rss_end_mib),
         "rss_series_mib": [[round(t), round(m)] for t, m in run.rss_series],
         "rss_after_warm_range": rss_range(run.rss_series),
+        "engine_rss_series_mib": [[round(t), pid, round(m)] for t, pid, m in run.engine_rss_series],
+        "faults": recoveries(run),
         "by_task": by_task,
         "miner_metrics": miner_view(run.metrics) if run.metrics else None,
-        "scrapes": len(run.scrape_ms), "scrape_p50_ms": percentile(run.scrape_ms, 0.5),
+        "scrapes": len(run.scrape_ms), "scrape_failures": run.scrape_failures,
+        "scrape_p50_ms": percentile(run.scrape_ms, 0.5),
         "scrape_max_ms": max(run.scrape_ms, default=None),
         "mean_answer_s_by_task": {t: round(statistics.mean(xs), 1) for t in TASKS
                                   if (xs := [o.seconds for o in outcomes if o.task == t and o.kind == "valid"])},
@@ -282,8 +298,21 @@ def print_table(s: dict, run: Run) -> None:
         m = s["miner_metrics"]
         print(f"the miner's /metrics: {m['valid']:.0f} answered, {m['busy']:.0f} busy, {m['error']:.0f} errors "
               f"(the validators: {s['valid'] + s['invalid']} answered, {s['busy']} busy, {s['error']} errors); "
-              f"{s['scrapes']} scrapes, p50 {s['scrape_p50_ms']:.1f} ms, max {s['scrape_max_ms']:.1f} ms"
+              f"{s['scrapes']} scrapes ({len(s['scrape_failures'])} failed), p50 {s['scrape_p50_ms']:.1f} ms, "
+              f"max {s['scrape_max_ms']:.1f} ms"
               + (f"; GPU memory in use {m['gpu_used_mib']} MiB" if m["gpu_used_mib"] is not None else ""))
+    if s["engine_rss_series_mib"]:
+        print("engine process RSS (s pid: MiB): " + ", ".join(f"{t} {pid}: {m}" for t, pid, m in s["engine_rss_series_mib"]))
+    if s["faults"]:
+        restarts = (s["miner_metrics"] or {}).get("engine_restarts")
+        print(f"faults injected: {len(s['faults'])} ("
+              + ", ".join(f"{n} {k}" for k, n in Counter(f["kind"] for f in s["faults"]).items())
+              + (f"); the miner's /metrics counts {restarts:.0f} engine restarts" if restarts is not None else ")"))
+        for f in s["faults"]:
+            again = f["valid_again_after_s"]
+            print(f"  at {f['at_s']:.0f} s, {f['kind']} of process {f['pid']}: "
+                  + (f"valid answers again {again} s later" if again is not None else "no valid answer after it")
+                  + "; until then " + (", ".join(f"{n} {k}" for k, n in f["until_then"].items()) or "nothing"))
     print(f"{'task':<11}" + "".join(f"{k:>10}" for k in ("valid", "invalid", "busy", "error", "no_answer"))
           + f"{'mean s':>9}")
     for task, counts in s["by_task"].items():
@@ -301,7 +330,53 @@ async def sample_rss(pid: int | None, started: float, end: float, every: float, 
         mib = rss_mib(pid)
         if mib is not None:
             run.rss_series.append((now - started, mib))
+        engine = engine_pid(pid)
+        if engine is not None and (mib := rss_mib(engine)) is not None:
+            run.engine_rss_series.append((now - started, engine, mib))
         await asyncio.sleep(min(every, max(end - time.monotonic(), 0.0)))
+
+
+def engine_pid(miner_pid: int | None) -> int | None:
+    """The miner's llama.cpp engine process (backends/llama_runner.py), found among its children in /proc."""
+    if miner_pid is None:
+        return None
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if parent == miner_pid and b"backends.llama_runner" in (stat.parent / "cmdline").read_bytes():
+                return int(stat.parent.name)
+        except (OSError, IndexError, ValueError):
+            continue
+    return None
+
+
+async def inject_faults(miner_pid: int | None, every: float, started: float, end: float, run: Run) -> None:
+    """Every `every` seconds, alternately SIGKILL the engine process and SIGSTOP it (a decode that never
+    returns: the supervisor must catch it); the last fault leaves `every` seconds to recover."""
+    kinds = itertools.cycle(("kill", "stall"))
+    while time.monotonic() + 2 * every <= end:
+        await asyncio.sleep(every)
+        pid = engine_pid(miner_pid)
+        if pid is None:
+            log.warning("fault: no engine process to hurt (restarting, or engine_process is false)")
+            continue
+        kind = next(kinds)
+        os.kill(pid, signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+        run.faults.append(Fault(round(time.monotonic() - started, 1), kind, pid))
+        log.warning("fault %d: %s of the engine process %d", len(run.faults), kind, pid)
+
+
+def recoveries(run: Run) -> list[dict]:
+    """Per fault: the requests in flight or sent until the next valid answer, and when that answer came."""
+    rows = []
+    for f in run.faults:
+        after = sorted((o for o in run.outcomes if o.sent_s + o.seconds >= f.at_s), key=lambda o: o.sent_s + o.seconds)
+        first_valid = next((o for o in after if o.kind == "valid" and o.sent_s >= f.at_s), None)
+        until = first_valid.sent_s + first_valid.seconds if first_valid else None
+        hit = [o for o in after if until is None or o.sent_s + o.seconds < until]
+        rows.append({**asdict(f), "valid_again_after_s": round(until - f.at_s, 1) if until is not None else None,
+                     "until_then": dict(Counter(o.kind for o in hit))})
+    return rows
 
 
 def fetch(url: str) -> str:
@@ -313,7 +388,11 @@ async def scrape(url: str | None, end: float, every: float, run: Run) -> None:
     """GET /metrics as Prometheus would, timing each; the last one is kept (taken after the last answer)."""
     while url:
         started = time.perf_counter()
-        run.metrics = await asyncio.to_thread(fetch, url)
+        try:
+            run.metrics = await asyncio.to_thread(fetch, url)
+        except OSError as e:  # a scrape that fails is a finding to report, not the end of the run
+            run.scrape_failures.append(f"{time.monotonic() - end:+.0f} s from the end: {e}")
+            log.warning("GET /metrics failed: %s", e)
         run.scrape_ms.append((time.perf_counter() - started) * 1e3)
         if time.monotonic() >= end:
             return
@@ -323,11 +402,14 @@ async def scrape(url: str | None, end: float, every: float, run: Run) -> None:
 def miner_view(metrics: str) -> dict[str, float | None]:
     """What the miner says of itself in /metrics, read with prometheus-client's parser: its answers by
     outcome, and the GPU memory in use (None without GPU offload)."""
-    view: dict[str, float | None] = {"valid": 0.0, "busy": 0.0, "error": 0.0, "gpu_used_mib": None}
+    view: dict[str, float | None] = {"valid": 0.0, "busy": 0.0, "error": 0.0, "gpu_used_mib": None,
+                                     "engine_restarts": None}
     for family in text_string_to_metric_families(metrics):
         for sample in family.samples:
             if sample.name == "storynet_requests_total":
                 view[sample.labels["outcome"]] += sample.value
+            elif sample.name == "storynet_engine_restarts_total":
+                view["engine_restarts"] = (view["engine_restarts"] or 0) + sample.value
             elif sample.name == "storynet_gpu_memory_used_bytes":
                 view["gpu_used_mib"] = round(sample.value / 2**20)
     return view
@@ -338,8 +420,9 @@ async def load(args, wallets, axon_info, count_tokens, run: Run, pid: int | None
     end = started + args.seconds
     validators = asyncio.gather(*(validator(i, w, axon_info, started, end, run, count_tokens, args)
                                   for i, w in enumerate(wallets)))
+    faults = inject_faults(pid, args.faults, started, end, run) if args.faults else asyncio.sleep(0)
     await asyncio.gather(sample_rss(pid, started, end, args.rss_every, run),
-                         scrape(metrics_url, end, args.scrape_every, run), validators)
+                         scrape(metrics_url, end, args.scrape_every, run), validators, faults)
     seconds = time.monotonic() - started
     if metrics_url:  # after the last answer: the miner's counts are complete
         await scrape(metrics_url, 0.0, 0.0, run)
@@ -368,12 +451,17 @@ def arguments(parser: argparse.ArgumentParser) -> None:
                         help="the validators' protocol: its request shapes and mock contexts")
     parser.add_argument("--old-loop", action="store_true",
                         help="the earlier model: a random task, the next request 12 s after each answer")
+    parser.add_argument("--faults", type=float, metavar="SECONDS",
+                        help="every SECONDS, SIGKILL the miner's llama.cpp engine process, then SIGSTOP it the next "
+                             "time (a stall), and so on: the supervisor must catch each and serve again (off by default)")
     parser.add_argument("--json", action="store_true")
 
 
 def command(args: argparse.Namespace) -> int:
     if args.axon and not (args.axon_hotkey and args.wallets):
         raise ConfigError("--axon needs --axon-hotkey and --wallets")
+    if args.faults and args.axon and not args.pid:
+        raise ConfigError("--faults with --axon needs --pid: the miner's process id, to find its engine process")
     vocab = Model(model_path(args.config, args.model), 0, vocab_only=True)
     count_tokens = lambda text: len(vocab.tokenize(text, add_special=False, parse_special=False))  # noqa: E731
     run = Run()

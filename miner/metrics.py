@@ -11,19 +11,19 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from backends.chain import Chain
 from miner import PROTOCOL_VERSION, __version__
 from miner.earnings import Earnings
-from models import fit
 
 # Validators give full time points up to 30 s and none from 60 s (docs/protocol.md): edges around both.
 ANSWER_BUCKETS = (1, 2.5, 5, 10, 15, 20, 25, 30, 40, 50, 60)
 
 
 class _Now:
-    """Gauges read when scraped: the backends' queues and learned speed, the GPU's memory, the earnings."""
+    """Gauges read when scraped: the backends' queues, learned speed, last step and restarts, the GPU's memory,
+    the earnings."""
 
     def __init__(self, chain: Chain, earnings: Callable[[], Earnings | None]):
         self.chain, self.earnings = chain, earnings
@@ -35,6 +35,12 @@ class _Now:
         speed = GaugeMetricFamily("storynet_decode_tokens_per_second",
                                   "Decode speed the engine learned, by sequences decoding together",
                                   labels=["backend", "sequences"])
+        step_age = GaugeMetricFamily("storynet_engine_last_step_age_seconds",
+                                     "Seconds since the engine last finished a step (high while it is busy: a stall)",
+                                     labels=["backend"])
+        restarts = CounterMetricFamily("storynet_engine_restarts", "Engine processes restarted after dying or "
+                                       "stalling", labels=["backend"])
+        memory = None
         for backend in self.chain.backends:
             gauges = backend.gauges()
             if gauges is None:
@@ -43,9 +49,13 @@ class _Now:
             waiting.add_metric([backend.name], gauges.waiting)
             for n, tok_s in sorted(gauges.decode_tok_s.items()):
                 speed.add_metric([backend.name, str(n)], tok_s)
-        yield from (running, waiting, speed)
-        memory = fit.gpu_memory()
-        if memory is not None:
+            if gauges.last_step_age_s is not None:
+                step_age.add_metric([backend.name], gauges.last_step_age_s)
+            if gauges.restarts is not None:
+                restarts.add_metric([backend.name], gauges.restarts)
+            memory = memory or gauges.gpu_memory
+        yield from (running, waiting, speed, step_age, restarts)
+        if memory is not None:  # from the engine that holds the GPU: asking here would make a CUDA context
             yield GaugeMetricFamily("storynet_gpu_memory_used_bytes", "Memory used on the first GPU, by anyone",
                                     value=memory[0])
             yield GaugeMetricFamily("storynet_gpu_memory_total_bytes", "Memory of the first GPU", value=memory[1])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from miner.errors import ModelError, UnknownModelError
+from models.gguf_header import read_header
 
 GB = 10**9  # the hub shows decimal gigabytes
 
@@ -236,16 +237,13 @@ def _gguf_parts(path: Path) -> list[Path]:
 
 
 def _profile_from_gguf(path: Path) -> Profile:
-    from gguf import GGUFReader
     try:
-        readers = [GGUFReader(p) for p in _gguf_parts(path)]
-    except ValueError as e:  # gguf-py's word for a file that is not GGUF, or is cut short
+        headers = [read_header(p) for p in _gguf_parts(path)]
+    except ValueError as e:  # not GGUF, or cut short
         raise ModelError(f"{path}: not a readable GGUF file ({e}); it may be corrupt or half-downloaded: "
                          f"download it again") from None
-    fields = readers[0].fields
-
-    def meta(key: str, default=None):
-        return fields[key].contents() if key in fields else default
+    fields = headers[0].metadata
+    meta = fields.get
 
     arch = meta("general.architecture")
     if arch is None or f"{arch}.block_count" not in fields:
@@ -255,10 +253,10 @@ def _profile_from_gguf(path: Path) -> Profile:
     n_head_kv = meta(f"{arch}.attention.head_count_kv", n_head)
     n_head_kv = max(n_head_kv) if isinstance(n_head_kv, list) else int(n_head_kv)  # per layer: the widest
     key_len = int(meta(f"{arch}.attention.key_length", n_embd // n_head))
-    tensors = [t for r in readers for t in r.tensors]
+    tensors = [t for h in headers for t in h.tensors]
     embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
     n_vocab = meta(f"{arch}.vocab_size") or (int(embd.shape[-1]) if embd is not None else
-                                             len(fields["tokenizer.ggml.tokens"].data))
+                                             len(fields["tokenizer.ggml.tokens"]))
     return Profile(path.name, n_layer, int(meta(f"{arch}.context_length", 4096)), n_head, n_head_kv, key_len,
                    int(meta(f"{arch}.attention.value_length", key_len)), int(n_vocab),
                    _layout(tensors, n_layer), int(meta(f"{arch}.expert_count", 0)),

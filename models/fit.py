@@ -318,10 +318,16 @@ def _no_gpu_reason() -> str:
     return "CPU only: this llama-cpp-python has no GPU offload; for a CUDA build: scripts/setup.sh --cuda"
 
 
+def gpu_offload() -> bool:
+    """Whether this llama.cpp build can offload to a GPU (not whether a GPU is there)."""
+    llama_cpp = _llama_cpp()
+    return llama_cpp is not None and bool(llama_cpp.llama_supports_gpu_offload())
+
+
 def gpu_memory() -> tuple[int, int] | None:
     """(used, total) bytes of the first GPU, whoever uses it; None without GPU offload."""
     llama_cpp = _llama_cpp()
-    if llama_cpp is None or not llama_cpp.llama_supports_gpu_offload():
+    if not gpu_offload():
         return None
     memory = _ggml_memory(llama_cpp)
     return (memory[1] - memory[0], memory[1]) if memory else None

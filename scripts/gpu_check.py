@@ -4,7 +4,8 @@
     model    write Llama-3.1-8B's shapes straight in Q4_K_M (random weights), while llama.cpp builds
     prove    the build; `miner fit --vram-gb 6`; a load with that plan (VRAM against the plan), one answer
              per task and `parallel` at once: the engine's learned decode speed beside the rate its answers
-             actually ran at
+             actually ran at; the engine's child process SIGKILLed mid-answer: seconds until it serves
+             again, VRAM after the restart against before
   call 2, `gpu_check.sh measure`, right after (the warm machine keeps /tmp; at most 5 minutes):
     measure  `storynet-miner bench` under the 6 GiB plan (its rows in bench_rows.jsonl as each is measured),
              a burst of 4 chapters requests (burst_rows.jsonl), then the 3.2.1 validators' step (`storynet-miner
@@ -42,7 +43,8 @@ PLAN = ["--n-ctx", "auto", "--parallel", "auto"]  # the 6 GiB plan's context and
 # doing the same work, the KV layouts' steps (1000 cells a sequence: a validator's prompt and part of an
 # answer); then a burst, in a bench of its own.
 BENCH = ["--tasks", "blueprint,characters,story_arc,chapters", "--repeat", "1", "--batch-task", "characters",
-         "--batch-requests", "2", "--burst", "0", "--bare-steps", "100", "--step-cells", "1000", *PLAN]
+         "--batch-requests", "2", "--burst", "0", "--bare-steps", "100", "--step-cells", "1000", "--no-engine-process",
+         *PLAN]
 BURST = ["--tasks", "", "--batch-requests", "0", "--bare-steps", "0", "--step-cells", "0", "--burst", "4",
          "--burst-rounds", "2", *PLAN]
 BURST_S = 40  # what the burst bench needs (load, two bursts of 4 chapters requests)
@@ -132,7 +134,8 @@ def cmd_prove(args) -> int:
                f"llama-cpp-python {llama_cpp.__version__}, GPU offload {'on' if offload else 'OFF'}")
     model = model_path(args.work)
     steps = [("fit", ["-m", "miner", "fit", "--model", str(model), "--vram-gb", str(VRAM_GB), "--json"], 120),
-             ("load and answer", [__file__, "serve", "--model", str(model)], 240)]
+             ("load and answer", [__file__, "serve", "--model", str(model)], 240),
+             ("engine restart", [__file__, "restart", "--model", str(model)], 180)]
     plan = None
     for step, argv, timeout in steps:
         started = time.monotonic()
@@ -147,6 +150,9 @@ def cmd_prove(args) -> int:
             report.add(step, True, seconds, f"{data['n_gpu_layers']} layers, n_ctx {data['n_ctx']}, "
                        f"{data['kv_cache_type']} KV, estimate {data['estimated_vram_bytes'] / 2**20:,.0f} MiB",
                        plan=data)
+        elif step == "engine restart":
+            ok, summary = judge_restart(data)
+            report.add(step, ok, seconds, summary, **data)
         else:
             ok, summary = judge_load(data, plan)
             report.add(step, ok, seconds, summary, **data)
@@ -168,6 +174,19 @@ def judge_load(data: dict, plan: dict | None) -> tuple[bool, str]:
     ok = measured <= budget and abs(off) <= 0.05 and valid == len(data["answers"])
     return ok, (f"VRAM added {measured:,} MiB vs plan {estimate:,.0f} MiB ({off:+.1%}), budget {budget:,.0f} MiB; "
                 f"{answers}")
+
+
+def judge_restart(data: dict) -> tuple[bool, str]:
+    """Serving again after the kill, its VRAM back where it was (within 5%): nothing left on the card."""
+    again = (f"engine process SIGKILLed {data['killed_after_s']:.1f} s into a chapters answer; that answer "
+             f"failed in {data['failed_after_s']:.1f} s ({data['error'][:80]}); serving again "
+             f"{data['serving_again_s']:.1f} s after the kill; a new answer valid: {data['valid_after']}")
+    before, after = data["vram_before_mib"], data["vram_after_mib"]
+    if before is None or after is None:
+        return data["valid_after"], f"{again}; no VRAM figures (no GPU offload)"
+    off = (after - before) / before
+    return (data["valid_after"] and abs(off) <= 0.05,
+            f"{again}; VRAM in use {before:,} MiB before, {after:,} MiB after the restart ({off:+.1%})")
 
 
 def judge_clock(clock: dict) -> tuple[bool, str]:
@@ -227,6 +246,46 @@ def cmd_serve(args) -> int:
              for n, rates in decoded.items() if rates and n in by_n}
     json.dump({"vram_added_mib": added, "plan": backend.info().parameters, "parallel": backend.parallel,
                "learned": learned, "clock": clock, "answers": answers}, sys.stdout)
+    backend.close()
+    return 0
+
+
+def cmd_restart(args) -> int:
+    """In its own process: the engine in its child process with the 6 GiB plan, SIGKILLed in the middle of a
+    chapters answer: how soon the answer fails, how soon a new child serves, and the VRAM in use before the
+    kill against after the restart (what the dead child held must come back)."""
+    import os
+    import signal
+    import threading
+    from backends.chain import BackendState, Chain
+    from backends.llama_cpp import LlamaCppSettings
+    from backends.llama_process import LlamaCppProcess
+    from miner import examples
+    from miner.config import GenerationSettings
+    from miner.service import StoryService
+    backend = LlamaCppProcess(LlamaCppSettings(type="llama_cpp", name="gpu", model_path=str(args.model), vram_gb=VRAM_GB))
+    service = StoryService(Chain([BackendState(backend, "gpu")]), GenerationSettings())
+    fields = examples.validator_fields("chapters", examples.VALIDATOR_PROMPTS[0])
+    before = vram_used_mib()
+    answers: list = []
+    asking = threading.Thread(target=lambda: answers.append(service.answer(fields)))
+    steps, started = backend.clock.steps, time.monotonic()
+    asking.start()
+    while backend.clock.steps < steps + 50 and asking.is_alive():  # well into the answer
+        time.sleep(0.01)
+    killed = time.monotonic()
+    os.kill(backend.pid, signal.SIGKILL)
+    asking.join(60)
+    failed = time.monotonic()
+    while not backend.health().ok and time.monotonic() - killed < 150:
+        time.sleep(0.2)
+    serving = time.monotonic()
+    after = vram_used_mib()
+    valid = service.answer(fields).ok
+    json.dump({"killed_after_s": killed - started, "failed_after_s": failed - killed,
+               "error": answers[0].output.get("error", "(it finished first)") if answers else "(no answer)",
+               "serving_again_s": serving - killed, "valid_after": valid, "vram_before_mib": before,
+               "vram_after_mib": after, "restarts": backend.restarts}, sys.stdout)
     backend.close()
     return 0
 
@@ -348,9 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     failed.add_argument("--step", required=True)
     failed.add_argument("--log", type=Path, required=True)
     sub.add_parser("serve").add_argument("--model", type=Path, required=True)
+    sub.add_parser("restart").add_argument("--model", type=Path, required=True)
     args = parser.parse_args(argv)
     return {"model": cmd_model, "prove": cmd_prove, "measure": cmd_measure, "failed": cmd_failed,
-            "serve": cmd_serve}[args.command](args)
+            "serve": cmd_serve, "restart": cmd_restart}[args.command](args)
 
 
 if __name__ == "__main__":

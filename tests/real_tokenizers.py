@@ -9,13 +9,13 @@ for those texts and the converter's hash match the originals.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from models.gguf_header import read_header
 
 VOCABS = ("llama-bpe", "qwen2")
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -23,48 +23,6 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2 splits digits one by one
 CASE_SEPARATOR = "\n__ggml_vocab_test__\n"
 NORMAL, CONTROL = 1, 3  # llama.cpp token types
-
-# GGUF value types: struct formats of the numeric ones, and the two that nest.
-GGUF_NUMBERS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-GGUF_STRING, GGUF_ARRAY = 8, 9
-
-
-def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """Every key-value pair of a GGUF file.
-
-    gguf.GGUFReader makes one numpy view per string, about 20 s for a vocabulary's 400k strings on 2
-    cores; reading them with struct takes under a second.
-    """
-    data = path.read_bytes()
-    magic, _version, _n_tensors, n_kv = struct.unpack_from("<4sIQQ", data)
-    if magic != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file")
-    pos = 24
-
-    def take(fmt: str) -> tuple[Any, ...]:
-        nonlocal pos
-        values = struct.unpack_from("<" + fmt, data, pos)
-        pos += struct.calcsize("<" + fmt)
-        return values
-
-    def value(kind: int) -> Any:
-        nonlocal pos
-        if kind == GGUF_STRING:
-            (size,) = take("Q")
-            pos += size
-            return data[pos - size:pos].decode("utf-8")
-        if kind == GGUF_ARRAY:
-            item, count = take("IQ")
-            if item in GGUF_NUMBERS:
-                return list(take(f"{count}{GGUF_NUMBERS[item]}"))
-            return [value(item) for _ in range(count)]
-        return take(GGUF_NUMBERS[kind])[0]
-
-    metadata = {}
-    for _ in range(n_kv):
-        key = value(GGUF_STRING)
-        metadata[key] = value(take("I")[0])
-    return metadata
 
 
 @dataclass(frozen=True)
@@ -86,7 +44,7 @@ SPECS = {
 def rebuild(vocab_file: Path, chat_template: str) -> transformers.PreTrainedTokenizerFast:
     """The tokenizer whose vocabulary llama.cpp saved in vocab_file (ggml-vocab-NAME.gguf)."""
     spec = SPECS[vocab_file.name.removeprefix("ggml-vocab-").removesuffix(".gguf")]
-    meta = read_gguf_metadata(vocab_file)
+    meta = read_header(vocab_file).metadata
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     vocab = {text: i for i, (text, kind) in enumerate(zip(tokens, types, strict=True)) if kind == NORMAL}
     merges = [tuple(pair.split(" ")) for pair in meta["tokenizer.ggml.merges"]]

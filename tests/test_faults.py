@@ -1,9 +1,11 @@
 """Faults while serving, each injected into real parts: the model file going away, a backend failing in the
-middle of an answer, CUDA running out of memory at load, and SIGTERM with requests in flight. Nothing is lost:
-every request gets a valid answer from some backend, or an explicit error, before its hard limit."""
+middle of an answer, CUDA running out of memory at load, and SIGTERM with requests in flight (the engine
+process gone with the miner). Nothing is lost: every request gets a valid answer from some backend, or an
+explicit error, before its hard limit. The engine process's own faults are test_supervisor.py's."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -144,7 +146,8 @@ def test_out_of_memory_even_on_the_cpu_is_a_clear_error(monkeypatch):
 
 # ---- SIGTERM with requests in flight -------------------------------------------------------------------
 
-def start_miner(tmp_path: Path, grace_s: float, validator_hotkey: str) -> tuple[subprocess.Popen, bt.AxonInfo]:
+def start_miner(tmp_path: Path, grace_s: float, validator_hotkey: str) -> tuple[subprocess.Popen, bt.AxonInfo, int]:
+    """`run --offline` serving the validator; returns it, its axon and its llama.cpp engine process's pid."""
     port = free_port()
     miner_wallet = make_wallet(str(tmp_path), "miner")
     config = {"wallet": {"name": "miner", "path": str(tmp_path)}, "health": {"port": 0},
@@ -154,18 +157,21 @@ def start_miner(tmp_path: Path, grace_s: float, validator_hotkey: str) -> tuple[
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.Popen([sys.executable, "-m", "miner", "run", "--offline", "--config", str(path)], cwd=ROOT,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    engine = None
     for line in proc.stderr:
+        if m := re.search(r"the llama.cpp engine serves from process (\d+)", line):
+            engine = int(m[1])
         if "axon serving" in line:
             break
-    assert proc.poll() is None, "the miner exited before serving"
+    assert proc.poll() is None and engine, "the miner exited before serving, or without an engine process"
     return proc, bt.AxonInfo(version=0, ip="127.0.0.1", port=port, ip_type=4,
-                             hotkey=miner_wallet.hotkey.ss58_address, coldkey="")
+                             hotkey=miner_wallet.hotkey.ss58_address, coldkey=""), engine
 
 
 @pytest.mark.parametrize("grace_s", [60.0, 0.0], ids=["finishes-within-grace", "fails-explicitly-at-once"])
 def test_sigterm_stops_accepting_settles_requests_in_flight_unloads_and_exits_0(tmp_path, grace_s):
     validator = make_wallet(str(tmp_path), "validator")
-    proc, axon = start_miner(tmp_path, grace_s, validator.hotkey.ss58_address)
+    proc, axon, engine = start_miner(tmp_path, grace_s, validator.hotkey.ss58_address)
     watchdog = threading.Timer(grace_s + 120, proc.kill)  # never hang the suite
     watchdog.start()
     try:
@@ -191,6 +197,7 @@ def test_sigterm_stops_accepting_settles_requests_in_flight_unloads_and_exits_0(
         proc.kill()
         proc.wait()
     assert code == 0 and "stopped" in log
+    assert not Path(f"/proc/{engine}").exists(), "the engine process outlived the miner"
     answer = in_flight[0]
     assert answer.is_success and answer.generation_time > 0.5, (answer.output_data, log[-3000:])  # in flight at the signal
     if grace_s:

@@ -123,14 +123,16 @@ def test_the_gpu_check_steps_rehearse_on_the_cpu_with_only_the_gpu_image_and_the
     tiny_plan = "--n-ctx 4096 --parallel 2"
     step("measure", "--seconds", "150", "--loadtest-seconds", "15", "--validators", "2", "--plans", "6", "--loadtest",
          "--others 1 --api 0", "--bench", "--tasks blueprint --repeat 1 --batch-task blueprint --batch-requests 2 "
-         f"--burst 0 --bare-steps 10 --step-cells 600 {tiny_plan}", "--burst", "--tasks '' --batch-requests 0 "
+         f"--burst 0 --bare-steps 10 --step-cells 600 --no-engine-process {tiny_plan}", "--burst", "--tasks '' --batch-requests 0 "
          f"--bare-steps 0 --step-cells 0 --burst 2 --burst-rounds 2 {tiny_plan}", timeout=300)
     steps = {s["step"]: s for s in json.loads((out / "gpu_check.json").read_text())}
-    assert list(steps) == ["write model", "build", "fit", "load and answer", "clock", "bench", "burst",
-                           "validators' step, 6 GiB plan"]
+    assert list(steps) == ["write model", "build", "fit", "load and answer", "clock", "engine restart", "bench",
+                           "burst", "validators' step, 6 GiB plan"]
     assert not steps["build"]["ok"]  # no GPU offload in the CPU build, and it says so
     assert steps["fit"]["ok"] and steps["load and answer"]["ok"], steps
     assert "1 at once: learned" in steps["clock"]["summary"] and "answers ran at" in steps["clock"]["summary"]
+    assert steps["engine restart"]["ok"] and "serving again" in steps["engine restart"]["summary"], steps
+    assert "the llama.cpp engine process was killed by signal 9" in steps["engine restart"]["error"]
     assert steps["bench"]["ok"] and "x raw" in steps["bench"]["summary"], steps["bench"]
     def sections(name: str) -> set[str]:
         return {json.loads(line)["section"] for line in (out / f"{name}_rows.jsonl").read_text().splitlines()}

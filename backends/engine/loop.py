@@ -22,6 +22,7 @@ from backends.engine import sampling, warm_up
 from backends.engine.admission import Admission, Load, Ticket
 from backends.engine.kv import KvCache, Slot
 from backends.engine.sampling import Job
+from backends.engine.step_clock import StepClock
 from backends.llama_lowlevel import Batch, Context, LlamaError, Model, NoKvRoom
 from backends.sizing import Speed
 
@@ -42,8 +43,10 @@ class Entry:
 
 
 class Engine:
-    def __init__(self, model: Model, ctx: Context, vocab: Vocabulary, parallel: int, share_prefixes: bool = True):
+    def __init__(self, model: Model, ctx: Context, vocab: Vocabulary, parallel: int, share_prefixes: bool = True,
+                 clock: StepClock | None = None):
         self.model, self.ctx, self.vocab, self.parallel = model, ctx, vocab, parallel
+        self.clock = clock if clock is not None else StepClock()  # when the running step began: a stall shows
         self.kv = KvCache(ctx, parallel, share_prefixes)
         self.admission = Admission(parallel, self.kv.room)
         self.speed: Speed | None = None  # measured by start(), before the engine takes any request
@@ -196,7 +199,11 @@ class Engine:
         entries = self._build()
         whole = False
         if entries:
-            decoded, whole = self._decode(entries)
+            self.clock.begin(self._planned(entries))
+            try:
+                decoded, whole = self._decode(entries)
+            finally:
+                self.clock.end()
             self._broken_steps = 0 if decoded else self._broken_steps + 1  # nothing decoded: a broken context?
             if self._broken_steps >= MAX_BROKEN_STEPS:
                 raise LlamaError(f"{MAX_BROKEN_STEPS} steps in a row decoded nothing; the last failure: "
@@ -237,6 +244,14 @@ class Engine:
             entries.append(Entry(slot, chunk, True, job.done_prompt + len(chunk) == len(job.prompt)))
             budget -= len(chunk)
         return entries
+
+    def _planned(self, entries: list[Entry]) -> float:
+        """What the time model expects of a step of these entries (the stall watch allows 10x as long)."""
+        decoding = [e for e in entries if not e.prompt]
+        prompt = sum(len(e.tokens) for e in entries if e.prompt)
+        forced = sum(len(e.tokens) - 1 for e in decoding)
+        step = self.speed.step_s(len(decoding), sum(len(e.slot.cached) for e in decoding)) if decoding else 0.0
+        return step + prompt / self.speed.prefill_tps + forced * self.speed.forced_s
 
     def _decode(self, entries: list[Entry]) -> tuple[bool, bool]:
         """Decode the entries, then draw for each; a failure goes to _recover. Returns (anything decoded,
