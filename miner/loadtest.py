@@ -311,7 +311,8 @@ def print_table(s: dict, run: Run) -> None:
         for f in s["faults"]:
             again = f["valid_again_after_s"]
             print(f"  at {f['at_s']:.0f} s, {f['kind']} of process {f['pid']}: "
-                  + (f"valid answers again {again} s later" if again is not None else "no valid answer after it")
+                  + (f"the first valid answer to a request sent after it ended {again} s later (the validators' "
+                     f"next request included)" if again is not None else "no valid answer after it")
                   + "; until then " + (", ".join(f"{n} {k}" for k, n in f["until_then"].items()) or "nothing"))
     print(f"{'task':<11}" + "".join(f"{k:>10}" for k in ("valid", "invalid", "busy", "error", "no_answer"))
           + f"{'mean s':>9}")
