@@ -6,7 +6,7 @@ loads with its module).
 """
 from __future__ import annotations
 
-import miner  # noqa: F401  (first: it loads llama_cpp before anything loads numpy)
+import models  # noqa: F401  (first: it loads llama_cpp before anything loads numpy)
 
 from importlib import import_module  # noqa: E402
 

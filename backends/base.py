@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from miner.errors import AnswerRejected, BackendBusy, BackendError, DeadlineExceeded
+from backends.errors import AnswerRejected, BackendBusy, BackendError, DeadlineExceeded
 
 __all__ = ["AnswerRejected", "Backend", "BackendBusy", "BackendError", "BackendSettings", "DeadlineExceeded",
            "Generation", "Health", "ModelInfo", "Request"]

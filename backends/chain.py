@@ -20,7 +20,7 @@ from typing import Any, Callable, TypeVar
 
 from backends import REGISTRY, backend_class, build_backend
 from backends.base import AnswerRejected, Backend, BackendBusy, BackendError, Generation, Health, Request
-from miner.errors import AllBackendsFailed
+from backends.errors import AllBackendsFailed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

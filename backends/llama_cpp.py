@@ -33,7 +33,8 @@ from backends.constraint import Vocabulary
 from backends.llama_build import system_info
 from backends.sizing import CharCost, Cost, fit_schema, shrink, strings_in, worst_case
 from models import fit
-from miner.errors import DoesNotFit, ModelError
+from backends.errors import DoesNotFit
+from models.errors import ModelError
 from models.catalog import load_profile
 from models.embedded import DISPLAY_NAME, EmbeddedModelMissing, embedded_model_path
 

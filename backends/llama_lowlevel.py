@@ -15,7 +15,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from miner.errors import LlamaError, NoKvRoom
+from backends.errors import LlamaError, NoKvRoom
 
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 ALL_LAYERS = 0x7FFFFFFF  # llama.cpp clamps this to "every layer"

@@ -33,7 +33,7 @@ MAX_LABELS = 16  # distinct versions remembered: a caller cannot grow memory or 
 OTHER = "other"
 MAX_CALLERS = 256  # a subnet's uids: more distinct callers than that are not validators
 UPDATE_FIX = ("update the miner: `git pull && scripts/setup.sh`, then restart it (pm2 restart, or "
-              "systemctl restart storyfi-miner)")
+              "systemctl restart storynet-miner)")
 OUTCOMES = ("valid", "busy", "error")
 
 

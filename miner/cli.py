@@ -47,7 +47,8 @@ COMMANDS = {
     "generate": Command("print one task's output_data JSON", "miner.cli", "generate_arguments", "cmd_generate"),
     "health": Command("check config, backends and a running miner", "miner.health"),
     "fit": Command("plan GPU offload for a model and a VRAM budget", "models.fit"),
-    "download": Command("download a catalog model's Q4 GGUF file(s)", "models.download"),
+    "download": Command("download a catalog model's Q4 GGUF file(s)", "miner.cli", "download_arguments",
+                        "cmd_download"),
     "convert": Command("convert a Hugging Face checkpoint to a Q4 GGUF file", "models.hf_to_gguf"),
     "bench": Command("the miner's speed against raw llama.cpp on the same model", "miner.bench"),
     "loadtest": Command("replay the subnet's validators against a miner", "miner.loadtest"),
@@ -129,6 +130,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     json.dump(answer.output, sys.stdout, ensure_ascii=False, indent=2)
     sys.stdout.write("\n")
     return 0 if answer.ok else 1
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from models import download
+    return download.command(args, load_config(args.config).models_dir if args.name and not args.dir else None)
+
+
+def download_arguments(p: argparse.ArgumentParser) -> None:
+    from models import download
+    download.arguments(p)
+    p.add_argument("--config", type=Path, help="the miner's YAML, for its models_dir")
 
 
 def run_arguments(p: argparse.ArgumentParser) -> None:

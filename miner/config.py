@@ -6,7 +6,6 @@ names the key, e.g. `backends.0.n_ctx: Input should be greater than or equal to 
 from __future__ import annotations
 
 import difflib
-import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from backends import REGISTRY, backend_class, settings_classes
 from backends.llama_cpp import LlamaCppSettings
+from models import default_models_dir
 from miner.errors import ConfigError
 
 
@@ -111,13 +111,6 @@ class ChainSettings(_Strict):
 class HealthSettings(_Strict):
     port: int = Field(8092, ge=0, le=65535, description="GET /health on 127.0.0.1:port; 0 disables it.")
     interval_s: float = Field(60.0, ge=5, le=3600, description="How often the running miner re-checks its backends.")
-
-
-def default_models_dir() -> str:
-    """$XDG_DATA_HOME/storynet-miner/models, else ~/.local/share/storynet-miner/models: weights of many
-    gigabytes live outside the code (models/ holds the code that handles them)."""
-    data = os.environ.get("XDG_DATA_HOME") or os.path.join("~", ".local", "share")
-    return os.path.join(data, "storynet-miner", "models")
 
 
 class Config(_Strict):

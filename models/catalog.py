@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from miner.errors import ModelError, UnknownModelError
+from models.errors import ModelError, UnknownModelError
 from models.gguf_header import read_header
 
 GB = 10**9  # the hub shows decimal gigabytes

@@ -36,10 +36,9 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryN
 from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers
 
-from miner.config import default_models_dir
-from miner.errors import (ChecksumMismatchError, ConfigError, DownloadError, DownloadInterruptedError,
+from models.errors import (ChecksumMismatchError, ConfigError, DownloadError, DownloadInterruptedError,
                           GatedRepoAccessError, NotEnoughDiskError)
-from models import catalog
+from models import catalog, default_models_dir
 from models.catalog import Quant
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -240,20 +239,19 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="Q4_K_M", help="Q4_K_M (default) or Q4_0")
     p.add_argument("--dir", type=Path, help="where to put the file(s) (default: models_dir of --config, "
                                             f"else {default_models_dir()})")
-    p.add_argument("--config", type=Path, help="the miner's YAML, for its models_dir")
     p.add_argument("--revision", default="main", help="branch, tag or commit of the GGUF repo")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of YAML")
     p.add_argument("--list", action="store_true", help="list the catalog and exit")
 
 
-def command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace, models_dir: str | None = None) -> int:
+    """models_dir: where the miner's config keeps models (default: default_models_dir()); --dir wins."""
     if args.list:
         print(_catalog_table())
         return 0
     if not args.name:
         raise ConfigError(f"give a model name ({', '.join(catalog.MODELS)}) or --list")
-    from miner.config import load_config
-    folder = (args.dir or Path(load_config(args.config).models_dir)).expanduser()
+    folder = (args.dir or Path(models_dir or default_models_dir())).expanduser()
     entry = catalog.get(args.name)
     quant = entry.quant(args.quant)
     _stderr(f"downloading {entry.name} {quant.quant} into {folder}")

@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from miner.errors import ConfigError
+from models.errors import ConfigError
 from models import catalog
 from models.catalog import Profile, load_profile
 

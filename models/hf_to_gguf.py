@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from miner.errors import ConversionError, QuantizeError, SourceError
+from models.errors import ConversionError, QuantizeError, SourceError
 from models.llama_cpp_source import default_cache, installed_version, llama_cpp_tree
 from models.quantize import quantize
 

@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from miner.errors import SourceError
+from models.errors import SourceError
 
 log = logging.getLogger(__name__)
 PACKAGE = "llama-cpp-python"
@@ -33,8 +33,9 @@ VENDORED = "vendor/llama.cpp/"  # llama.cpp's root inside the sdist's top folder
 
 
 def default_cache() -> Path:
-    """$XDG_CACHE_HOME/storyfi-miner, or ~/.cache/storyfi-miner."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "storyfi-miner"
+    """$XDG_CACHE_HOME/storynet-miner, or ~/.cache/storynet-miner (scripts/setup.sh moves the cache of the
+    subnet's first name, storyfi-miner, here)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "storynet-miner"
 
 
 def installed_version() -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from miner.errors import QuantizeError
+from models.errors import QuantizeError
 
 FTYPES = {"Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
           "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}

@@ -20,7 +20,13 @@ trap 'rm -rf "$tmp"' EXIT
 rm -rf "$out"
 mkdir -p "$out/wheels"
 
-"$python" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$llama_version" -d "$tmp"
+# The sdist `scripts/setup.sh --dev` keeps for the converter (models/llama_cpp_source.py), else from PyPI.
+cached=${XDG_CACHE_HOME:-$HOME/.cache}/storynet-miner/llama-cpp-python-$llama_version/llama_cpp_python-$llama_version.tar.gz
+if [ -f "$cached" ]; then
+  cp "$cached" "$tmp/"
+else
+  "$python" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$llama_version" -d "$tmp"
+fi
 tar -xzf "$tmp/llama_cpp_python-$llama_version.tar.gz" -C "$tmp"
 src="$tmp/llama_cpp_python-$llama_version"
 vendor="$src/vendor/llama.cpp"

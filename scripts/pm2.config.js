@@ -1,6 +1,6 @@
-// pm2 ecosystem file for the StoryFi miner. From anywhere:
+// pm2 ecosystem file for the StoryNet miner. From anywhere:
 //   pm2 start scripts/pm2.config.js && pm2 save && pm2 startup   (then run the command it prints)
-//   pm2 logs storyfi-miner
+//   pm2 logs storynet-miner
 // pm2 passes on the environment of the shell that runs `pm2 start`: export the API keys there.
 // See docs/running.md (keys, logs, the health watchdog).
 const path = require("path");
@@ -10,7 +10,7 @@ const root = path.resolve(__dirname, "..");
 module.exports = {
   apps: [
     {
-      name: "storyfi-miner",
+      name: "storynet-miner",
       cwd: root,
       script: path.join(root, ".venv", "bin", "python"),
       interpreter: "none", // script is the program to run, not a node script

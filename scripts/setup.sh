@@ -23,7 +23,13 @@ done
 stamp=.venv/llama-build  # the kind and id of the llama.cpp build installed in .venv
 [ -n "$mode" ] || mode=$(sed -n 1p "$stamp" 2>/dev/null || true)
 mode=${mode:-cpu}
-wheels=${XDG_CACHE_HOME:-$HOME/.cache}/storyfi-miner/llama-wheels
+cache=${XDG_CACHE_HOME:-$HOME/.cache}
+# The cache had the subnet's first name (storyfi-miner) until 2026-12: a build made there is moved, not redone.
+if [ -d "$cache/storyfi-miner" ] && [ ! -e "$cache/storynet-miner" ]; then
+  mv "$cache/storyfi-miner" "$cache/storynet-miner"
+  echo "setup.sh: moved the cache $cache/storyfi-miner (llama.cpp builds, sources) to $cache/storynet-miner"
+fi
+wheels=$cache/storynet-miner/llama-wheels
 
 cuda_prerequisites() {
   local missing=()
@@ -93,6 +99,9 @@ install_llama_cpp "$(sed -n 's/^llama-cpp-python==\([^ ]*\).*/\1/p' requirements
 # The miner itself, editable: `.venv/bin/storynet-miner` and `python -m miner` from anywhere. Its
 # dependencies are the requirements installed above, pinned.
 .venv/bin/python -m pip install -q --no-deps -e .
+# The checkout itself on sys.path too: pip's editable finder is asked only after the current directory, so a
+# folder named models/ (or miner/, backends/) where the miner runs would otherwise be taken for the package.
+echo "$PWD" > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/storynet-miner-checkout.pth"
 if ! .venv/bin/python -m backends.llama_build $([ "$mode" = cuda ] && echo --gpu); then
   # Never reuse a build that does not run here.
   [ -f "$stamp" ] && rm -rf "$(sed -n 3p "$stamp")" "$stamp"

@@ -1,9 +1,9 @@
 #!/bin/sh
 # Restart the miner when it has been down for several checks in a row. Run it every minute (cron, or
-# scripts/storyfi-miner-watchdog.timer):
+# scripts/storynet-miner-watchdog.timer):
 #   scripts/watchdog.sh CONFIG RESTART-COMMAND...
-#   scripts/watchdog.sh /opt/storyfi-miner/config.yaml systemctl restart storyfi-miner
-#   scripts/watchdog.sh /home/miner/storyfi-miner/config.yaml pm2 restart storyfi-miner
+#   scripts/watchdog.sh /opt/storynet-miner/config.yaml systemctl restart storynet-miner
+#   scripts/watchdog.sh /home/miner/storynet-miner/config.yaml pm2 restart storynet-miner
 # `health --running` asks only the running miner (GET /health): exit 0 healthy, 1 degraded (serving on a
 # fallback: worth an alert, not a restart), 2 down or not answering. A miner still loading its model does
 # not answer yet, so one miss is not enough: WATCHDOG_MISSES (default 3) in a row are.
@@ -13,7 +13,7 @@ config=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")  # absolute: the check ru
 shift
 root=$(cd "$(dirname "$0")/.." && pwd)
 misses_allowed=${WATCHDOG_MISSES:-3}
-state=${WATCHDOG_STATE:-${TMPDIR:-/tmp}/storyfi-miner-watchdog.misses}
+state=${WATCHDOG_STATE:-${TMPDIR:-/tmp}/storynet-miner-watchdog.misses}
 
 report=$(cd "$root" && .venv/bin/python -m miner health --running --config "$config" 2>&1)
 if [ $? -ne 2 ]; then
@@ -26,5 +26,5 @@ if [ "$misses" -lt "$misses_allowed" ]; then
     exit 0
 fi
 rm -f "$state"
-printf 'storyfi miner down for %s checks in a row; restarting with: %s\n%s\n' "$misses" "$*" "$report" >&2
+printf 'storynet miner down for %s checks in a row; restarting with: %s\n%s\n' "$misses" "$*" "$report" >&2
 exec "$@"

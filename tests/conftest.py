@@ -81,6 +81,28 @@ def chain_miner(tmp_path, writer):
         one.close()
 
 
+@pytest.fixture(scope="module")
+def miner_from_memory(tmp_path_factory):
+    """An offline miner on loopback whose one backend answers from a queue (tests/fakes.py): what is on the
+    wire, with no model's time in it. Yields (miner, backend, a validator's Dendrite)."""
+    import bittensor as bt
+    from miner.config import Config, GenerationSettings
+    from miner.demo import make_wallet, start_offline_miner
+    from miner.neuron import no_public_ip_lookup
+    from miner.service import StoryService
+    from tests.fakes import FakeBackend, chain_of
+    wallets = str(tmp_path_factory.mktemp("wallets"))
+    validator = make_wallet(wallets, "validator")
+    backend = FakeBackend("memory")
+    with no_public_ip_lookup():
+        miner = start_offline_miner(Config(), StoryService(chain_of(backend, cooldown_s=0.0), GenerationSettings()),
+                                    wallets, [validator.hotkey.ss58_address])
+        try:
+            yield miner, backend, bt.Dendrite(wallet=validator)
+        finally:
+            miner.close()
+
+
 @pytest.fixture
 def running_health(capsys):
     """health(config, *args) -> (exit code, what `health --running` printed)."""

@@ -21,12 +21,37 @@ from backends.chain import BackendState, Chain
 from backends.constraint import Matcher
 from miner.errors import BackendError
 
-# A blueprint that meets the contract, as an API backend would return it.
+# Answers that meet the contract, as an API backend would return them.
 BLUEPRINT = {
     "title": "The Tide Clock", "genre": "mystery",
     "setting": "A harbour town where the tide clock in the square has stopped and the boats no longer return.",
     "core_conflict": "A young clockmaker must restart the clock before the last fleet is lost at sea.",
     "themes": ["time", "duty"], "tone": "brooding", "target_audience": "young adult readers"}
+
+
+CHAPTER = {
+    "id": 1, "title": "The Signal at Dawn",
+    "content": "\n\n".join([
+        "The relay station had been silent for eleven years, so when its beacon blinked green at dawn, Lin Yao "
+        "dropped her coffee. The mug rolled across the deck plates and came to rest against Okoro's boot. He "
+        "looked down at it, then up at her, and neither of them said a word for a long moment.",
+        "\"It could be a fault,\" Okoro said at last. \"Old hardware wakes up for no reason. Cold cycles, a "
+        "loose relay, a micrometeorite.\" But his voice lacked conviction, and his hands had already found the "
+        "console. The signal repeated every nine seconds, a pattern too regular for chance and too strange for "
+        "any protocol either of them knew.",
+        "Captain Venn arrived within minutes, her jacket half buttoned, her eyes hard. She listened to the pulse "
+        "twice before she spoke. \"We log it and we move on. The convoy has a schedule, and dead stations do not "
+        "send invitations.\" Lin felt the old argument rise in her throat: the missing crews, the unanswered "
+        "calls, the year the relays went dark one after another.",
+        "In the end it was Teodor, the retired keeper who rarely left his cabin, who settled nothing and changed "
+        "everything. He shuffled onto the bridge, listened once, and smiled. \"That is my handshake,\" he said. "
+        "\"Someone out there still remembers it.\""]),
+    "choices": [
+        {"id": "A", "text": "Follow the signal to the station",
+         "consequences": {"outcome": "The convoy turns toward the relay, and the captain never forgives the delay."}},
+        {"id": "B", "text": "Obey the captain and hold course",
+         "consequences": {"outcome": "The beacon fades behind them, and Teodor locks himself in his cabin."}}],
+}
 
 
 class FakeBackend(Backend):

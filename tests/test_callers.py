@@ -30,7 +30,7 @@ def metagraph_of(rows: list[tuple[str, float, bool]]) -> Metagraph:
 
 
 def hotkey(name: str) -> str:
-    return Keypair.create_from_uri(f"//storyfi-{name}").ss58_address
+    return Keypair.create_from_uri(f"//storynet-{name}").ss58_address
 
 
 VALIDATOR, SMALL_VALIDATOR, NO_PERMIT, OPERATOR, STRANGER = (

@@ -256,11 +256,11 @@ def test_a_good_api_answer_is_reported_as_api(api, writer):
 
 
 def test_health_names_the_variable_whose_key_was_refused(api, monkeypatch):
-    monkeypatch.setenv("STORYFI_TEST_OPENAI_KEY", "sk-wrong")
+    monkeypatch.setenv("STORYNET_TEST_OPENAI_KEY", "sk-wrong")
     api.replies.append((401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}))
-    backend = OpenAIBackend.from_settings(cloud(api, api_key_env="STORYFI_TEST_OPENAI_KEY"))
+    backend = OpenAIBackend.from_settings(cloud(api, api_key_env="STORYNET_TEST_OPENAI_KEY"))
     health = backend.health()
-    assert not health.ok and "refused the API key in STORYFI_TEST_OPENAI_KEY" in health.detail
+    assert not health.ok and "refused the API key in STORYNET_TEST_OPENAI_KEY" in health.detail
     assert "sk-wrong" not in health.detail
 
 

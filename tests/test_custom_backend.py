@@ -54,7 +54,7 @@ def test_a_relative_command_is_found_from_cwd(tmp_path):
 
 
 @pytest.mark.parametrize("command, words", [
-    (["no-such-program-storyfi"], "not on PATH"),
+    (["no-such-program-storynet"], "not on PATH"),
     (["./missing.py"], "not an executable file"),
 ])
 def test_a_missing_program_fails_at_start_naming_the_setting(tmp_path, command, words):
@@ -141,22 +141,22 @@ sys.exit(1)
 
 def test_the_command_gets_the_basics_and_what_pass_env_names_and_its_values_stay_out_of_errors(tmp_path, monkeypatch):
     token = "tok-for-my-service-8f3a61c2"
-    monkeypatch.setenv("STORYFI_TEST_SERVICE_TOKEN", token)
-    monkeypatch.setenv("STORYFI_TEST_UNLISTED", "not for the command")
+    monkeypatch.setenv("STORYNET_TEST_SERVICE_TOKEN", token)
+    monkeypatch.setenv("STORYNET_TEST_UNLISTED", "not for the command")
     seen = tmp_path / "env.json"
-    b = backend([str(script(tmp_path, "dump.py", ENV_DUMP)), str(seen)], pass_env=["STORYFI_TEST_SERVICE_TOKEN"])
+    b = backend([str(script(tmp_path, "dump.py", ENV_DUMP)), str(seen)], pass_env=["STORYNET_TEST_SERVICE_TOKEN"])
     with pytest.raises(BackendError, match="status 1") as failed:
         b.generate(request())
     env = json.loads(seen.read_text())
-    assert env["STORYFI_TEST_SERVICE_TOKEN"] == token and "STORYFI_TEST_UNLISTED" not in env
-    assert set(env) - {"STORYFI_TEST_SERVICE_TOKEN"} <= {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE",
+    assert env["STORYNET_TEST_SERVICE_TOKEN"] == token and "STORYNET_TEST_UNLISTED" not in env
+    assert set(env) - {"STORYNET_TEST_SERVICE_TOKEN"} <= {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE",
                                                         "TZ", "TMPDIR"} | {k for k in env if k.startswith("LC_")}
-    assert token not in str(failed.value) and "<STORYFI_TEST_SERVICE_TOKEN: redacted>" in str(failed.value)
+    assert token not in str(failed.value) and "<STORYNET_TEST_SERVICE_TOKEN: redacted>" in str(failed.value)
 
 
 def test_a_pass_env_variable_that_is_not_set_fails_at_start_naming_the_setting(tmp_path, monkeypatch):
-    monkeypatch.delenv("STORYFI_TEST_NOT_SET", raising=False)
-    with pytest.raises(BackendError, match="STORYFI_TEST_NOT_SET .pass_env of backend mine. is not set"):
-        backend([str(script(tmp_path, "echo.py", ECHO))], pass_env=["STORYFI_TEST_NOT_SET"])
+    monkeypatch.delenv("STORYNET_TEST_NOT_SET", raising=False)
+    with pytest.raises(BackendError, match="STORYNET_TEST_NOT_SET .pass_env of backend mine. is not set"):
+        backend([str(script(tmp_path, "echo.py", ECHO))], pass_env=["STORYNET_TEST_NOT_SET"])
     with pytest.raises(ValueError, match="(?s)pass_env.*not environment variable names: 'MY KEY'"):
         backend([str(script(tmp_path, "echo.py", ECHO))], pass_env=["MY KEY"])

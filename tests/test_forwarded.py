@@ -20,7 +20,7 @@ from miner.forwarded import RebuildRefused, StoryGenerationSynapse, forward, reb
 from miner.neuron import no_public_ip_lookup
 from miner.service import StoryService
 from miner.tasks import TASKS, Context
-from tests.fakes import BLUEPRINT, FakeBackend, chain_of
+from tests.fakes import BLUEPRINT
 from tests.scripted_http import ScriptedHTTP
 from tests.test_chain import completion
 
@@ -71,29 +71,14 @@ def test_a_contract_check_keeps_only_the_contract_keys():
 
 
 # --- through a real Axon: every error kind ------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def faked(tmp_path_factory):
-    """An offline miner answering from an in-memory backend; yields (miner, backend, validator dendrite)."""
-    wallets = str(tmp_path_factory.mktemp("wallets"))
-    validator = make_wallet(wallets, "validator")
-    backend = FakeBackend("local")
-    with no_public_ip_lookup():
-        miner = start_offline_miner(Config(), StoryService(chain_of(backend, cooldown_s=0.0), GenerationSettings()),
-                                    wallets, [validator.hotkey.ss58_address])
-        try:
-            yield miner, backend, bt.Dendrite(wallet=validator)
-        finally:
-            miner.close()
-
-
 def ask_as_321(dendrite, miner, fields: dict):
     """As a 3.2.1 validator queries: its own synapse class, deserialized."""
     return dendrite.query(axons=[miner.axon.info()], synapse=StoryGenerationSynapse(**fields), timeout=60,
                           deserialize=True)[0]
 
 
-def test_an_answer_is_forwarded_with_its_task_and_the_miners_fields(faked):
-    miner, backend, validator = faked
+def test_an_answer_is_forwarded_with_its_task_and_the_miners_fields(miner_from_memory):
+    miner, backend, validator = miner_from_memory
     backend.enqueue(json.dumps(BLUEPRINT))
     output = ask_as_321(validator, miner, examples.validator_fields("blueprint", examples.VALIDATOR_PROMPTS[0]))
     sent = forward(output, "blueprint")
@@ -103,8 +88,8 @@ def test_an_answer_is_forwarded_with_its_task_and_the_miners_fields(faked):
 
 
 @pytest.mark.parametrize("kind", ["input", "busy", "failed", "internal"])
-def test_every_error_kind_is_forwarded_whole(faked, monkeypatch, kind):
-    miner, backend, validator = faked
+def test_every_error_kind_is_forwarded_whole(miner_from_memory, monkeypatch, kind):
+    miner, backend, validator = miner_from_memory
     fields = examples.validator_fields("characters", examples.VALIDATOR_PROMPTS[1])
     if kind == "input":
         fields["blueprint"] = None

@@ -20,7 +20,7 @@ from miner.tasks import TASKS, Context
 from tests.fakes import BLUEPRINT
 from tests.scripted_http import ScriptedHTTP
 
-KEY_ENV = "STORYFI_TEST_GEMINI_KEY"
+KEY_ENV = "STORYNET_TEST_GEMINI_KEY"
 MODEL = "gemini-2.0-flash"
 def gemini_answer(text: str, finish: str = "STOP") -> dict[str, Any]:
     return {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": finish,
@@ -131,10 +131,10 @@ def test_without_a_key_the_backend_is_down_and_the_next_one_serves(fake, monkeyp
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(BackendError, match=KEY_ENV):
         GeminiBackend.from_settings(settings(fake.url))
-    monkeypatch.setenv("STORYFI_TEST_GEMINI_KEY_2", "second-key")
+    monkeypatch.setenv("STORYNET_TEST_GEMINI_KEY_2", "second-key")
     fake.replies.append((200, gemini_answer(json.dumps(BLUEPRINT))))
     chain = Chain.from_config([settings(fake.url, name="first"),
-                               settings(fake.url, name="second", api_key_env="STORYFI_TEST_GEMINI_KEY_2")],
+                               settings(fake.url, name="second", api_key_env="STORYNET_TEST_GEMINI_KEY_2")],
                               ChainSettings())
     answer = StoryService(chain, GenerationSettings()).answer(examples.example_fields("blueprint"))
     assert answer.ok, answer.output

@@ -28,7 +28,7 @@ from miner.health_monitor import HealthServer
 from miner.neuron import Miner
 from miner.service import StoryService
 
-MISSING_ENV = "STORYFI_TEST_KEY_THAT_IS_NOT_SET"
+MISSING_ENV = "STORYNET_TEST_KEY_THAT_IS_NOT_SET"
 GOOD = 'import json, sys\njson.load(sys.stdin)\nprint(json.dumps({"text": "{}"}))\n'
 BAD = "import sys\nsys.stderr.write('backend broke')\nsys.exit(1)\n"
 

@@ -3,9 +3,8 @@ where a request goes, what of its prompt it keeps, compaction, prefix sharing, a
 No model: these are the decisions, not the decoding."""
 import pytest
 
-from backends.engine.admission import Ticket
 from backends.engine.kv import MIN_SHARED, KvCache
-from backends.engine.sampling import Job
+from backends.engine.work import Job, Ticket
 
 
 class Cells:

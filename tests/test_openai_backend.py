@@ -25,7 +25,7 @@ from models.embedded import embedded_model_path
 pytestmark = pytest.mark.slow  # llama-cpp-python's server with the embedded model
 
 ALIAS = "smollm2"
-MISSING_ENV = "STORYFI_TEST_KEY_THAT_IS_NOT_SET"
+MISSING_ENV = "STORYNET_TEST_KEY_THAT_IS_NOT_SET"
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from miner.protocol import StoryGenerationSynapse
 from miner.reachability import QUIET_AFTER_S, Endpoint, advertised, chain_finding, requests_finding
 from tests.fakes import Metagraph, Neuron, Subtensor
 
-MINER = Keypair.create_from_uri("//storyfi-reach-miner").ss58_address
-OTHER = Keypair.create_from_uri("//storyfi-reach-other").ss58_address
+MINER = Keypair.create_from_uri("//storynet-reach-miner").ss58_address
+OTHER = Keypair.create_from_uri("//storynet-reach-other").ss58_address
 PUBLIC = "5.9.10.11"  # any public address: nothing is sent to it
 SERVED = Endpoint(PUBLIC, 8091)
 

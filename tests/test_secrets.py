@@ -30,7 +30,7 @@ from tests.scripted_http import ScriptedHTTP
 from tests.fakes import BLUEPRINT
 from tests.test_gemini_backend import error, gemini_answer
 
-KEY_ENV = "STORYFI_TEST_PLANTED_KEY"
+KEY_ENV = "STORYNET_TEST_PLANTED_KEY"
 KEY = "sk-planted-canary-" + "Q7xZ" * 8
 REDACTED = f"<{KEY_ENV}: redacted>"
 THIRD_PARTY = ("openai", "httpx", "httpcore", "httpx2", "httpcore2", "google_genai", "bittensor", "uvicorn")

@@ -14,40 +14,14 @@ import itertools
 import math
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Callable
 
 from backends.base import BackendBusy, BackendError
-from backends.engine.kv import Slot
-from backends.engine.sampling import Job
+from backends.engine.work import Job, Load, Slot, Ticket
 from backends.sizing import Fill, Speed
 
 LOAD_WINDOW_S = 60.0  # the recent load that answers are planned for
 MAX_PREFILL_SHARE = 0.5
-
-
-@dataclass(frozen=True)
-class Load:
-    """What a request is planned against when it is admitted."""
-    now: float
-    sequences: int  # sequences expected to decode beside it, itself included
-    kv_room: int  # KV cells of its slot, prompt included
-    prefill_share: float = 0.0  # of the time, what other requests' prompts took lately: not decoding
-
-
-@dataclass(order=True)
-class Ticket:
-    order: tuple[float, int]  # (-priority, arrival number): the heap's order
-    hard: float = field(compare=False)  # time.monotonic() the answer must be back by
-    prepare: Callable[[Load], Job] = field(compare=False)  # raises BackendBusy when it cannot fit
-    floor_s: float = field(compare=False)  # its smallest answer's time decoding alone
-    floor_full_s: float = field(compare=False)  # ... and beside `parallel` others, as when it had to wait
-    prompt_tokens: int = field(compare=False, default=0)  # as asked: what its prefill will cost the others
-    cancelled: threading.Event = field(compare=False, default_factory=threading.Event)  # its caller has gone
-    joins_below: int | None = field(compare=False, default=None)  # fits only while fewer answers decode
-    future: Future = field(compare=False, default_factory=Future)
-    arrived: float = field(compare=False, default_factory=time.monotonic)
 
 
 class Admission:

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from backends.engine.admission import Ticket
-    from backends.engine.sampling import Job
+from backends.engine.work import Job, Slot, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +32,6 @@ class Cells(Protocol):
     def forget(self, seq: int, start: int = 0) -> None: ...
     def share(self, src: int, dst: int, keep: int) -> None: ...
     def clear(self) -> None: ...
-
-
-@dataclass
-class Slot:
-    seq: int
-    cached: list[int] = field(default_factory=list)  # tokens whose KV cells this sequence holds
-    job: Job | None = None
-    ticket: Ticket | None = None
-    last_used: float = 0.0
 
 
 def shared(a: list[int], b: list[int]) -> int:

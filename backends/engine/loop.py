@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from backends.base import BackendBusy, BackendError
-from miner.errors import DoesNotFit
+from backends.errors import DoesNotFit
 from backends.constraint import Vocabulary
 from backends.engine import sampling, warm_up
-from backends.engine.admission import Admission, Load, Ticket
-from backends.engine.kv import KvCache, Slot
-from backends.engine.sampling import Job
+from backends.engine.admission import Admission
+from backends.engine.kv import KvCache
 from backends.engine.step_clock import StepClock
+from backends.engine.work import Job, Load, Slot, Ticket
 from backends.llama_lowlevel import Batch, Context, LlamaError, Model, NoKvRoom
 from backends.sizing import Speed
 
