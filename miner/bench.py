@@ -53,6 +53,7 @@ from miner import examples
 from miner.config import GenerationSettings
 from miner.contract import error_of
 from miner.errors import ConfigError, MinerError
+from miner.score import score
 from miner.service import StoryService, prepare
 from miner.tasks import TASKS, ContractError, Context, parse_json_object
 from miner.tasks.common import language_sample
@@ -75,7 +76,7 @@ COLUMNS: dict[str, list[tuple[str, str, int, str]]] = {
     "task": [("task", "task", 11, "<"), ("path", "path", 40, "<"), ("prompt_tokens", "prompt", 7, ">"),
              ("tokens", "tokens", 8, ">.0f"), ("seconds", "seconds", 9, ">.2f"), ("tok_per_s", "tok/s", 8, ">.1f"),
              ("vs_raw_free", "vs raw free", 12, ">.2f"), ("valid", "valid", 7, ">"),
-             ("refused_draws", "refused draws", 15, ">.1%")],
+             ("refused_draws", "refused draws", 15, ">.1%"), ("score", "score", 7, ">.1f")],
     "batching": [("path", "path", 40, "<"), ("at_once", "at once", 8, ">"), ("tokens", "tokens", 8, ">"),
                  ("seconds", "seconds", 9, ">.2f"), ("tok_per_s", "total tok/s", 13, ">.1f"),
                  ("vs_one_at_a_time", "vs 1 at a time", 16, ">.2f"), ("vs_same_work", "vs same work", 14, ">.2f"),
@@ -157,6 +158,18 @@ def valid(task: str, text: str, ctx: Context) -> bool:
     return True
 
 
+def mean_score(task: str, runs: list[tuple[str, int, float]]) -> float:
+    """The runs' mean score of 100 by the subnet's public rules (miner/score.py), each at its own seconds."""
+    scores = []
+    for text, _, seconds in runs:
+        try:
+            answer = parse_json_object(text)
+        except ContractError:
+            answer = None
+        scores.append(score(answer, task, seconds, []).total)
+    return statistics.mean(scores)
+
+
 def context_of(fields: dict) -> Context:
     return prepare(fields, GenerationSettings())[1]
 
@@ -235,6 +248,7 @@ def bench_tasks(levers: Levers, tasks: list[str], repeat: int, rows: Rows, path:
         rejected = levers.stats()["rejected_draws"]
         mine = [miner_run(levers, fields, seed) for seed in range(repeat)]
         row = task_row(task, path, len(levers.prompt_tokens(messages)), mine, context_of(fields))
+        row["score"] = mean_score(task, mine)
         # the grammar's lazy check: draws it refused (each cost a full mask and a second draw), of the tokens drawn
         row["refused_draws"] = (levers.stats()["rejected_draws"] - rejected) / max(sum(n for _, n, _ in mine), 1)
         rows.add("task", row)

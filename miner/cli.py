@@ -44,12 +44,14 @@ COMMANDS = {
     "run": Command("serve validators until SIGINT/SIGTERM", "miner.cli", "run_arguments", "cmd_run"),
     "demo": Command("answer all four tasks through a real Axon and Dendrite on 127.0.0.1", "miner.cli",
                     "demo_arguments", "cmd_demo"),
-    "generate": Command("print one task's output_data JSON", "miner.cli", "generate_arguments", "cmd_generate"),
+    "generate": Command("print a task's output_data JSON (--repeat: one per line)", "miner.cli",
+                        "generate_arguments", "cmd_generate"),
     "health": Command("check config, backends and a running miner", "miner.health"),
     "fit": Command("plan GPU offload for a model and a VRAM budget", "models.fit"),
     "download": Command("download a catalog model's Q4 GGUF file(s)", "miner.cli", "download_arguments",
                         "cmd_download"),
     "convert": Command("convert a Hugging Face checkpoint to a Q4 GGUF file", "models.hf_to_gguf"),
+    "score": Command("score answers by the subnet's public rules, per part and in total", "miner.score"),
     "bench": Command("the miner's speed against raw llama.cpp on the same model", "miner.bench"),
     "loadtest": Command("replay the subnet's validators against a miner", "miner.loadtest"),
 }
@@ -113,23 +115,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from miner import examples
-    fields: dict[str, Any] = examples.example_fields(args.task, args.input)
-    if args.context:
-        try:
-            context = json.loads(args.context.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{args.context}: cannot read the context JSON ({e})") from None
-        if not isinstance(context, dict):
-            raise ConfigError(f"{args.context}: must hold a JSON object with blueprint/characters/story_arc/chapter_ids")
-        fields.update({k: v for k, v in context.items() if k in ("blueprint", "characters", "story_arc", "chapter_ids")})
+    if args.repeat < 1:
+        raise ConfigError(f"generate: --repeat must be 1 or more, got {args.repeat}")
+    if args.as_validator:  # the 3.2.1 validators' request: their mock context, their prompts in turn
+        requests = [examples.validator_fields(args.task, args.input or examples.VALIDATOR_PROMPTS[n % 8])
+                    for n in range(args.repeat)]
+    else:
+        if not args.input:
+            raise ConfigError("generate: --input is needed (or --as-validator, for the validators' requests)")
+        fields: dict[str, Any] = examples.example_fields(args.task, args.input)
+        if args.context:
+            try:
+                context = json.loads(args.context.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise ConfigError(f"{args.context}: cannot read the context JSON ({e})") from None
+            if not isinstance(context, dict):
+                raise ConfigError(f"{args.context}: must hold a JSON object with blueprint/characters/story_arc/"
+                                  f"chapter_ids")
+            fields.update({k: v for k, v in context.items()
+                           if k in ("blueprint", "characters", "story_arc", "chapter_ids")})
+        requests = [fields] * args.repeat
     service = _build_service(_load(args))
+    ok = True
     try:
-        answer = service.answer(fields)
+        for fields in requests:
+            answer = service.answer(fields)
+            ok = ok and answer.ok
+            # one answer: indented; several: one per line (JSON lines, what `score` reads)
+            json.dump(answer.output, sys.stdout, ensure_ascii=False, indent=2 if args.repeat == 1 else None)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
     finally:
         service.chain.close()
-    json.dump(answer.output, sys.stdout, ensure_ascii=False, indent=2)
-    sys.stdout.write("\n")
-    return 0 if answer.ok else 1
+    return 0 if ok else 1
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -155,9 +173,12 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=["blueprint", "characters", "story_arc", "chapters"])
-    p.add_argument("--input", required=True, help="the story request")
+    p.add_argument("--input", help="the story request (with --as-validator: default, theirs in turn)")
     p.add_argument("--context", type=Path, help="JSON with blueprint, characters (a list, as in protocol 3.2.1, "
                    "or 3.2.0's {\"characters\": [...]}), story_arc, chapter_ids; default: the built-in example")
+    p.add_argument("--as-validator", action="store_true",
+                   help="the 3.2.1 validators' request: their mock context and their Chinese prompts in turn")
+    p.add_argument("--repeat", type=int, default=1, help="answers to write, one JSON per line (default 1)")
     _add_config_flags(p)
 
 

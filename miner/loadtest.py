@@ -49,6 +49,7 @@ from miner.errors import ConfigError, StartupError
 from miner.neuron import no_public_ip_lookup
 from miner import forwarded
 from miner.protocol import StoryGenerationSynapse
+from miner.score import score
 from miner.service import GenerationSettings, TaskInputError, prepare
 from miner.tasks import TASKS, ContractError
 
@@ -81,6 +82,7 @@ class Outcome:
     # forwarded (None: the rebuild raised, and every miner of that step got nothing), and what was wrong.
     forwarded_task_type: str | None = ""
     forward_problems: list[str] = field(default_factory=list)
+    score: float = 0.0  # of 100, by the subnet's public rules (miner/score.py), as forwarded; 0 for errors
 
 
 @dataclass
@@ -99,6 +101,7 @@ class Run:
     engine_rss_series: list[tuple[float, int, float]] = field(default_factory=list)  # (s, engine pid, MiB)
     faults: list[Fault] = field(default_factory=list)
     scrape_failures: list[str] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list, repr=False)  # answers so far: originality's history
     scrape_ms: list[float] = field(default_factory=list)
     metrics: str = ""  # the miner's last /metrics
 
@@ -139,8 +142,13 @@ async def validator(n: int, wallet, axon_info, started: float, end: float, run: 
         kind, detail, answer = classify(task, fields, response)
         sent = forwarded.forward(response.output_data if response.is_success else None, task)
         text = json.dumps(answer, ensure_ascii=False, separators=(",", ":")) if answer else ""
+        points = (score(sent.entry["output_data"], sent.task_type, sent.entry["generation_time"], run.history).total
+                  if sent.entry is not None and kind in ("valid", "invalid") else 0.0)
+        if answer:
+            run.history.append(answer)
         run.outcomes.append(Outcome(n, task, prompt, round(now - started, 2), kind, round(seconds, 2), detail,
-                                    len(text), count_tokens(text) if text else 0, sent.task_type, sent.problems))
+                                    len(text), count_tokens(text) if text else 0, sent.task_type, sent.problems,
+                                    points))
         log.info("validator %d: %-10s %-9s %5.1f s, forwarded as %s %s", n, task, kind, seconds,
                  "a broken step" if sent.task_type is None else repr(sent.task_type), detail[:120])
         # 3.2.1: the query ends with the slowest miner, then the scoring service, then the sleep
@@ -228,6 +236,9 @@ def summary(run: Run, seconds: float, validators: int, step: str) -> dict:
         "forwarded_intact": sum(not o.forward_problems for o in answers),
         "forwarded_wrong": sum(bool(o.forward_problems) and o.forwarded_task_type is not None for o in answers),
         "breaks_step": sum(o.forwarded_task_type is None for o in answers),
+        "mean_score": round(statistics.mean(o.score for o in outcomes), 1) if outcomes else None,
+        "mean_score_valid": round(statistics.mean(o.score for o in outcomes if o.kind == "valid"), 1)
+        if any(o.kind == "valid" for o in outcomes) else None,
         "forwarded_as": {t: dict(Counter("(a broken step)" if o.forwarded_task_type is None else o.forwarded_task_type
                                          for o in answers if o.task == t)) for t in TASKS},
         "valid_share": round(kinds["valid"] / len(outcomes), 3) if outcomes else None,
@@ -279,6 +290,9 @@ def print_table(s: dict, run: Run) -> None:
           "task_type forwarded, by the step's task: " + "; ".join(
               f"{task} as " + ", ".join(f"{sent!r} x{n}" for sent, n in counts.items())
               for task, counts in s["forwarded_as"].items() if counts))
+    if s["mean_score"] is not None:
+        print(f"score of 100 by the subnet's public rules (miner/score.py; the live narrative is an LLM judge): "
+              f"mean {s['mean_score']} over every request (errors 0), {s['mean_score_valid']} over valid answers")
     fmt = lambda v: "-" if v is None else f"{v:.1f} s"  # noqa: E731
     print(f"answer latency p50 {fmt(s['answer_p50_s'])}, p95 {fmt(s['answer_p95_s'])}, max {fmt(s['answer_max_s'])}; "
           f"valid within 30 s: {100 * (s['within_30s_share'] or 0):.1f}% of requests; "
