@@ -17,8 +17,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.errors import AnswerRejected, BackendBusy, BackendError, DeadlineExceeded
 
-__all__ = ["AnswerRejected", "Backend", "BackendBusy", "BackendError", "BackendSettings", "DeadlineExceeded",
+__all__ = ["AnswerRejected", "Backend", "BackendBusy", "BackendError", "BackendSettings", "DeadlineExceeded", "Dry",
            "Generation", "Health", "ModelInfo", "Request"]
+
+
+@dataclass(frozen=True)
+class Dry:
+    """llama.cpp's DRY sampler ("don't repeat yourself"): a token that would extend a sequence already in the
+    answer past `allowed_length` tokens is made less likely by multiplier x base^(length - allowed_length).
+    A multiplier of 0 turns it off. Local sampling only."""
+    multiplier: float = 0.8
+    base: float = 1.75
+    allowed_length: int = 2
+    last_n: int = 1024  # tokens of the answer it looks back over; -1: the whole context
 
 
 @dataclass(frozen=True)
@@ -29,7 +40,8 @@ class Request:
     schema: dict[str, Any] | None = None
     temperature: float = 0.8
     top_p: float = 0.95
-    repeat_penalty: float = 1.1  # local sampling only; 1.0 is off
+    repeat_penalty: float = 1.1  # local sampling only; 1.0 is off; punctuation and line breaks exempt
+    dry: Dry | None = None  # local sampling only; None: off
     # Sizing (backends that know their own speed): the time the answer should be back by, which sizes it
     # but never aborts it; the messages that ask for a schema shrunk to fit; text in the answer's language.
     target: float | None = None  # time.monotonic(); None: the deadline

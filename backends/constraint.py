@@ -30,15 +30,29 @@ COMPACT = {"whitespace_flexible": False}  # no whitespace between JSON tokens: n
 # back empty after strip() failed a characters answer under load).
 SPACES = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 VISIBLE_START, VISIBLE_START_BELOW = f"^[^{SPACES}]", 40
+# Prose that ends on a full sentence: the last character closes one, in any script this miner writes
+# (a closing quote or bracket after the mark too). In a task's schema it is the JSON Schema `pattern` beside
+# minLength and maxLength, which every backend can read; llguidance cannot join a pattern with lengths, so
+# for it the lengths move into the regex (the string can close only on a sentence's end, and must have one
+# by its maxLength).
+SENTENCE_ENDS = ".!?。！？…」』”’\"')）"
+ENDS_ON_SENTENCE = f"[{SENTENCE_ENDS}]$"
 
 
-def _visible_start(schema: Any) -> Any:
+def _for_llguidance(schema: Any) -> Any:
+    """The schema as llguidance can compile it: short strings start with a visible character, and prose
+    that ends on a sentence has its lengths in its regex."""
     if isinstance(schema, list):
-        return [_visible_start(s) for s in schema]
+        return [_for_llguidance(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _visible_start(v) for k, v in schema.items()}
-    if out.get("type") == "string" and "pattern" not in out and out.get("minLength", 0) < VISIBLE_START_BELOW:
+    out = {k: _for_llguidance(v) for k, v in schema.items()}
+    if out.get("type") != "string":
+        return out
+    if out.get("pattern") == ENDS_ON_SENTENCE:
+        lo, hi = max(out.pop("minLength", 2), 2), out.pop("maxLength")  # a first and a last character at least
+        out["pattern"] = f"^[^{SPACES}][\\s\\S]{{{lo - 2},{hi - 2}}}[{SENTENCE_ENDS}]$"
+    elif "pattern" not in out and out.get("minLength", 0) < VISIBLE_START_BELOW:
         out["pattern"] = VISIBLE_START
     return out
 
@@ -53,7 +67,7 @@ class Vocabulary:
             self.tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(model.vocab)
 
     def matcher(self, schema: dict[str, Any]) -> Matcher:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(_visible_start(schema)),
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(_for_llguidance(schema)),
                                                                 defaults=COMPACT)
         return Matcher(llguidance.LLMatcher(self.tokenizer, grammar, log_level=0), self.n_vocab)
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from backends.base import BackendError, DeadlineExceeded, Health, ModelInfo, Request
-from backends.remote import Failure, RemoteBackend, RemoteSettings, Reply, redact, register_secret
+from backends.remote import Failure, RemoteBackend, RemoteSettings, Reply, api_schema, redact, register_secret
 
 STDERR_TAIL = 500
 BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR")  # and every LC_*
@@ -138,7 +138,7 @@ class CustomCommandBackend(RemoteBackend):
         return answer
 
     def call(self, request: Request, timeout: float) -> dict[str, Any]:
-        payload = {"messages": request.messages, "schema": request.schema, "max_tokens": request.max_tokens,
+        payload = {"messages": request.messages, "schema": api_schema(request.schema), "max_tokens": request.max_tokens,
                    "temperature": request.temperature, "top_p": request.top_p, "seconds_left": round(timeout, 3)}
         return self._run(payload, timeout)
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from backends.base import BackendError, Health, ModelInfo, Request
-from backends.remote import HEALTH_TIMEOUT_S, APISettings, Failure, RemoteBackend, Reply, api_key
+from backends.remote import HEALTH_TIMEOUT_S, APISettings, Failure, RemoteBackend, Reply, api_key, api_schema
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class GeminiBackend(RemoteBackend):
 
         system, contents = _contents(request.messages)
         schema = {"response_mime_type": "application/json",
-                  "response_json_schema": gemini_schema(request.schema)} if request.schema else {}
+                  "response_json_schema": gemini_schema(api_schema(request.schema))} if request.schema else {}
         config = types.GenerateContentConfig(
             system_instruction=system, temperature=request.temperature, top_p=request.top_p,
             max_output_tokens=request.max_tokens, http_options=types.HttpOptions(timeout=int(timeout * 1000)),

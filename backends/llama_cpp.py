@@ -253,6 +253,7 @@ class LlamaCppBackend(Backend):
             # counted once, not at each of admission's ten sizing steps.
             self._forced_tokens = functools.lru_cache(maxsize=1024)(self.count_tokens)
             self._vocab = Vocabulary(self.model)
+            self._exempt = ll.exempt_tokens(self.model)  # punctuation and line breaks: no repeat penalty
             self._revive_lock, self._revived_at, self.revived = threading.Lock(), 0.0, None
             self._start_engine()
         except Exception as e:
@@ -417,7 +418,8 @@ class LlamaCppBackend(Backend):
         n = next(self._requests)
         seed = (self.seed + n) % 2**31 if self.seed is not None else random.SystemRandom().randrange(2**31)
         sampler = ll.SamplerChain(temperature=request.temperature, top_p=request.top_p,
-                                  repeat_penalty=request.repeat_penalty, seed=seed)
+                                  repeat_penalty=request.repeat_penalty, seed=seed, dry=request.dry, model=self.model,
+                                  exempt=self._exempt)
         return Job(prompt, sampler, matcher, max_tokens, schema=schema, note=note,
                    cost=cost if cost is not None and cost.bounded else None,
                    shape=tuple(schema.get("properties", ())) if schema is not None else ())

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import unicodedata
 from collections import deque
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 
+from backends.base import Dry
 from backends.errors import LlamaError, NoKvRoom
 
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
@@ -203,21 +205,44 @@ class Batch:
             self.capacity = 0
 
 
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's defaults: a repeat is counted from the last of these
+
+
 class SamplerChain:
-    """One sequence's sampling: its repeat penalty, then llama.cpp's C chain (top-k, top-p, temperature, draw).
+    """One sequence's sampling: its repeat penalty, then llama.cpp's C chain (top-k, DRY, top-p, temperature,
+    draw).
 
     The penalty is applied here, to the few tokens in its window, rather than as a stage of the C chain:
-    a token drawn and then refused by the grammar (constraint.py's lazy check) must not enter the history,
-    and the chain's stages accept every token they draw. The rest of the chain holds no history (the draw
-    only advances its random state), so a second draw after the grammar refused the first is a fresh one."""
+    a token drawn and then refused by the grammar (constraint.py's lazy check) must not enter the history.
+    With DRY, which keeps a history of its own, the chain is applied to a candidate array built here and
+    told only the tokens the answer goes on with (as llama.cpp's own common sampler does), instead of
+    llama_sampler_sample, which would accept every draw. DRY runs after top-k: on the 40 candidates left,
+    not on every token of the vocabulary. Tokens in `exempt` (punctuation and line breaks, which a story
+    repeats by nature) are never penalized."""
 
     PENALTY_LAST_N = 64  # sampled tokens the repeat penalty looks back over
 
-    def __init__(self, *, temperature: float, top_p: float, repeat_penalty: float, seed: int, top_k: int = 40):
+    def __init__(self, *, temperature: float, top_p: float, repeat_penalty: float, seed: int, top_k: int = 40,
+                 dry: Dry | None = None, model: Model | None = None, exempt: np.ndarray | None = None):
         self.ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         self.repeat_penalty = repeat_penalty
         self.history: deque[int] = deque(maxlen=self.PENALTY_LAST_N)
-        steps = [llama_cpp.llama_sampler_init_top_k(top_k), llama_cpp.llama_sampler_init_top_p(top_p, 1)]
+        self.exempt = exempt
+        steps = [llama_cpp.llama_sampler_init_top_k(top_k)]
+        self._candidates = None
+        if dry is not None and dry.multiplier > 0:
+            if model is None:
+                raise ValueError("DRY needs the model's vocabulary")
+            breakers = (ctypes.c_char_p * len(DRY_BREAKERS))(*(b.encode() for b in DRY_BREAKERS))
+            steps.append(llama_cpp.llama_sampler_init_dry(model.vocab, dry.multiplier, dry.base, dry.allowed_length,
+                                                          dry.last_n, breakers, len(DRY_BREAKERS)))
+            self._candidates = np.empty(model.n_vocab, dtype=TOKEN_DATA)
+            self._ids = np.arange(model.n_vocab, dtype=np.int32)
+            self._array = llama_cpp.llama_token_data_array(
+                data=self._candidates.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+                size=model.n_vocab, selected=-1, sorted=False)
+        steps.append(llama_cpp.llama_sampler_init_top_p(top_p, 1))
         if temperature > 0:
             steps += [llama_cpp.llama_sampler_init_temp(temperature), llama_cpp.llama_sampler_init_dist(seed)]
         else:
@@ -230,16 +255,36 @@ class SamplerChain:
         if self.repeat_penalty == 1.0 or not self.history:
             return
         ids = np.fromiter(set(self.history), dtype=np.int64)
+        if self.exempt is not None:
+            ids = ids[~self.exempt[ids]]
         seen = logits[ids]
         logits[ids] = np.where(seen > 0, seen / self.repeat_penalty, seen * self.repeat_penalty)
 
     def draw(self, ctx: Context, row: int) -> int:
         """A token from batch row `row`'s logits as they are now (penalized, maybe restricted)."""
-        return llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, row)
+        if self._candidates is None:
+            return llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, row)
+        candidates = self._candidates
+        candidates["id"] = self._ids
+        candidates["logit"] = ctx.logits(row)
+        candidates["p"] = 0.0
+        array = self._array
+        array.size, array.selected, array.sorted = len(candidates), -1, False
+        llama_cpp.llama_sampler_apply(self.ptr, ctypes.byref(array))
+        return int(candidates["id"][array.selected])
 
     def accept(self, token: int) -> None:
-        """The token the sequence goes on with: the penalty's window holds it from now on."""
+        """The token the sequence goes on with: the penalty's window holds it from now on (and DRY's history)."""
         self.history.append(token)
+        if self._candidates is not None:
+            llama_cpp.llama_sampler_accept(self.ptr, token)
+
+    def follow(self, tokens: list[int]) -> None:
+        """Tokens the schema forced after a draw: DRY reads the answer as written; the penalty's window does
+        not hold them (keys and quotes are not the model's choice)."""
+        if self._candidates is not None:
+            for token in tokens:
+                llama_cpp.llama_sampler_accept(self.ptr, token)
 
     def sample(self, ctx: Context, row: int) -> int:
         """Penalize, draw and accept: a sequence with no grammar."""
@@ -252,6 +297,16 @@ class SamplerChain:
         if self.ptr:
             llama_cpp.llama_sampler_free(self.ptr)
             self.ptr = None
+
+
+def exempt_tokens(model: Model) -> np.ndarray:
+    """Whether each token of the vocabulary is only punctuation or white space (a mask over the vocabulary):
+    the tokens a repeat penalty leaves alone, since every sentence ends with one."""
+    mask = np.zeros(model.n_vocab, dtype=bool)
+    for token in range(model.n_vocab):
+        text = model.piece(token).decode("utf-8", errors="ignore")
+        mask[token] = bool(text) and all(c.isspace() or unicodedata.category(c)[0] == "P" for c in text)
+    return mask
 
 
 def version() -> str:

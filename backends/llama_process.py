@@ -36,7 +36,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing.connection import Connection
 from typing import Any
 
-from backends.base import Backend, BackendBusy, BackendError, DeadlineExceeded, Gauges, Generation, Health, ModelInfo, Request
+from backends.base import (Backend, BackendBusy, BackendError, DeadlineExceeded, Gauges, Generation, Health, ModelInfo,
+                           Request)
 from backends.engine.step_clock import StepClock, stall_limit, stalled
 from backends.llama_cpp import FUTURE_GRACE_S, LlamaCppBackend, LlamaCppSettings
 from backends.llama_runner import CLOCK_BYTES, FAULT_ENV

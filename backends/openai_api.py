@@ -17,7 +17,8 @@ from typing import Any, Callable, Literal
 from pydantic import Field
 
 from backends.base import BackendError, Health, ModelInfo, Request
-from backends.remote import HEALTH_TIMEOUT_S, APISettings, Failure, RemoteBackend, Reply, api_key, redact
+from backends.remote import (HEALTH_TIMEOUT_S, APISettings, Failure, RemoteBackend, Reply, api_key, api_schema,
+                             redact)
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,10 @@ class OpenAIBackend(RemoteBackend):
             extra: dict[str, Any] = {}
             if request.schema is not None:
                 name, make = FORMATS[fmt]
-                extra["response_format"] = make(request.schema)
+                schema = api_schema(request.schema)
+                extra["response_format"] = make(schema)
                 if name == "json_object":
-                    messages = _with_schema_in_prompt(messages, request.schema)
+                    messages = _with_schema_in_prompt(messages, schema)
             try:
                 return self.client.chat.completions.create(
                     model=self.model, messages=messages, max_tokens=request.max_tokens,

@@ -17,12 +17,27 @@ from pydantic import Field
 
 from backends.base import (Backend, BackendError, BackendSettings, DeadlineExceeded, Generation, ModelInfo,
                            Request)
+from backends.constraint import ENDS_ON_SENTENCE
+from backends.sizing import LEAST, UNSCORED
 
 MIN_CALL_S = 1.0  # less time left than this: a call cannot finish, so none is started
+LOCAL_KEYS = (UNSCORED, LEAST)  # the sizer's marks: nothing for a server
 HEALTH_TIMEOUT_S = 10.0  # a health check's own call
 RETRY_PAUSE_S = 0.5
 # Shorter values are no real secret, and replacing them everywhere would garble texts.
 MIN_SECRET_CHARS = 8
+
+def api_schema(schema: Any) -> Any:
+    """The task's schema as a server or a program gets it: plain JSON Schema, without the sizer's marks and
+    without the sentence-end pattern, which is the local engine's to hold (llama.cpp's own JSON-schema grammar,
+    behind llama-cpp-python's server, stalled on it; the contract does not ask for it)."""
+    if isinstance(schema, list):
+        return [api_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {k: api_schema(v) for k, v in schema.items()
+            if k not in LOCAL_KEYS and not (k == "pattern" and v == ENDS_ON_SENTENCE)}
+
 
 _secrets: tuple[tuple[str, str], ...] = ()  # (value, variable name) of every secret read so far
 _secrets_lock = threading.Lock()

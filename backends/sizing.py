@@ -21,23 +21,38 @@ LINE_DECAY = 0.998  # weight an older decode step keeps per newer one (about the
 MIN_SPREAD_CELLS = 128  # steps must span about this much context before a slope is read off them
 
 
+UNSCORED = "x-unscored"  # on a schema node: no scorer reads it (docs/protocol.md), so it shrinks first
+LEAST = "x-least"  # on a string: the length it may fall to below minLength, when not even that fits in time
+
+
 def shrink(schema: dict[str, Any], scale: float) -> dict[str, Any]:
     """A copy whose maxLength and maxItems lie `scale` of the way from their floors (0) to themselves (1).
-    Rebuilt by hand rather than with copy.deepcopy: admission shrinks a schema about ten times a request,
-    and deepcopy's bookkeeping was half of admission's time."""
-    def walk(node: Any) -> Any:
+    Where the schema marks nodes UNSCORED or gives strings a LEAST length, the scale runs in three stages:
+    from 1 down to 2/3 the unscored parts shrink to their floors while the rest stay whole; from 2/3 to 1/3
+    the rest shrink to their floors (minLength: lengths the scoring rules reward); from 1/3 to 0 the strings
+    with a LEAST fall from their floors to it (the contract's own minimum), so an answer that must be small
+    to arrive in time still arrives. Rebuilt by hand rather than with copy.deepcopy: admission shrinks a
+    schema about ten times a request, and deepcopy's bookkeeping was half of admission's time."""
+    staged = UNSCORED in (dumped := json.dumps(schema)) or LEAST in dumped
+
+    def walk(node: Any, unscored: bool) -> Any:
         if isinstance(node, list):
-            return [walk(value) for value in node]
+            return [walk(value, unscored) for value in node]
         if not isinstance(node, dict):
             return node
-        out = {key: walk(value) for key, value in node.items()}
+        unscored = unscored or bool(node.get(UNSCORED))
+        out = {key: walk(value, unscored) for key, value in node.items()}
+        share = (min(max(3 * scale - (2 if unscored else 1), 0.0), 1.0)) if staged else scale
         for lo_key, hi_key in (("minLength", "maxLength"), ("minItems", "maxItems")):
             if hi_key in out:
                 lo = out.get(lo_key, 0)
-                out[hi_key] = lo + math.floor((out[hi_key] - lo) * scale)
+                out[hi_key] = lo + math.floor((out[hi_key] - lo) * share)
+        if LEAST in out and staged and scale < 1 / 3:  # below the floors: toward the contract's minimum
+            least = out[LEAST]
+            out["minLength"] = out["maxLength"] = least + math.floor((out["minLength"] - least) * 3 * scale)
         return out
 
-    return walk(schema)
+    return walk(schema, False)
 
 
 def skeleton(schema: Any) -> Any:

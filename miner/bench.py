@@ -45,7 +45,7 @@ from typing import Any
 import llama_cpp
 
 from backends import llama_lowlevel as ll
-from backends.base import Request
+from backends.base import Dry, Request
 from backends.chain import BackendState, Chain
 from backends.llama_cpp import LlamaCppBackend, LlamaCppSettings, default_threads
 from backends.llama_process import LlamaCppProcess
@@ -192,23 +192,30 @@ def note_process_cost(rows: Rows) -> None:
                   f"the tok/s in the miner's own process")
 
 
-def full_size_request(fields: dict) -> Request:
+def full_size_request(fields: dict, dry: Dry | None = None) -> Request:
     """The task's request at full size: no resizing, so every run is asked for the same answer."""
     spec, ctx = TASKS[fields["task_type"]], context_of(fields)
     schema = spec.schema(ctx)
     return Request(messages=spec.messages(ctx, "auto", schema), max_tokens=spec.max_tokens(ctx),
-                   deadline=time.monotonic() + 3600, schema=schema,
+                   deadline=time.monotonic() + 3600, schema=schema, dry=dry,
                    language_sample=language_sample(ctx.user_input, "auto"))
+
+
+def miner_dry(settings: GenerationSettings) -> Dry | None:
+    """The DRY sampler as the miner samples with it (generation.dry_*)."""
+    return (Dry(settings.dry_multiplier, settings.dry_base, settings.dry_allowed_length, settings.dry_last_n)
+            if settings.dry_multiplier > 0 else None)
 
 
 class Levers:
     """What bench does to the engine it measures, in this process or in a process of its own
     (backends/llama_process.py, through the calls that process answers)."""
 
-    def __init__(self, backend: LlamaCppBackend | LlamaCppProcess):
+    def __init__(self, backend: LlamaCppBackend | LlamaCppProcess, dry: Dry | None):
         self.backend = backend
         self.own = isinstance(backend, LlamaCppProcess)
         self.parallel = backend.parallel
+        self.dry = dry  # how the answers are sampled: as the miner does, or --no-dry
 
     def forget_cached(self) -> None:
         self.backend.call("forget_cached") if self.own else self.backend.engine.forget_cached()
@@ -226,7 +233,7 @@ class Levers:
 def miner_run(levers: Levers, fields: dict, seed: int) -> tuple[str, int, float]:
     levers.forget_cached()
     levers.seed(seed)
-    g = levers.backend.generate(full_size_request(fields))
+    g = levers.backend.generate(full_size_request(fields, levers.dry))
     return g.text, g.completion_tokens, g.seconds
 
 
@@ -268,7 +275,7 @@ def bench_batching(levers: Levers, task: str, requests: int, rows: Rows, path: s
         stats = levers.stats()
         started = time.perf_counter()
         with ThreadPoolExecutor(at_once) as pool:
-            done = list(pool.map(lambda f: levers.backend.generate(full_size_request(f)), fields))
+            done = list(pool.map(lambda f: levers.backend.generate(full_size_request(f, levers.dry)), fields))
         seconds = time.perf_counter() - started
         after = levers.stats()
         steps, step_s, decode_s, prepares, prepare_s = (after[k] - stats[k] for k in (
@@ -277,7 +284,8 @@ def bench_batching(levers: Levers, task: str, requests: int, rows: Rows, path: s
         ok = sum(valid(task, g.text, context_of(f)) for g, f in zip(done, fields))
         first = first or tokens / seconds
         rows.add("batching", {"path": f"{path}, {requests} {task} requests", "at_once": at_once, "tokens": tokens,
-                              "seconds": seconds, "tok_per_s": tokens / seconds, "vs_one_at_a_time": tokens / seconds / first,
+                              "seconds": seconds, "tok_per_s": tokens / seconds,
+                              "vs_one_at_a_time": tokens / seconds / first,
                               "valid": f"{ok}/{requests}", "ms_per_step": 1000 * step_s / steps,
                               "python_ms_per_step": 1000 * (step_s - decode_s) / steps,
                               "admission_ms": 1000 * prepare_s / max(prepares, 1)})
@@ -542,6 +550,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bare-steps", type=int, default=200, help="steps of the bare loop's rows; 0 skips them")
     parser.add_argument("--step-cells", type=int, default=400,
                         help="KV cells each sequence holds in the step rows (about a validator's prompt); 0 skips them")
+    parser.add_argument("--no-dry", action="store_true", help="sample without the DRY sampler (default: with it, "
+                        "as the miner samples): what DRY costs a token, against a run with it")
     parser.add_argument("--no-engine-process", dest="engine_process", action="store_false",
                         help="skip the rows that run the one-answer and batching work again with the engine in a "
                              "child process, as the miner serves")
@@ -571,8 +581,9 @@ def command(args: argparse.Namespace) -> int:
                        "vram_added_mib": gpu_after - gpu_before if gpu_after is not None else None,
                        "n_threads": n_threads, "measured": backend.engine.speed.snapshot()})
     try:
-        runs = bench_tasks(Levers(backend), args.tasks, args.repeat, rows, IN_PROCESS)
-        work = (bench_batching(Levers(backend), args.batch_task, args.batch_requests, rows, "miner")
+        dry = None if args.no_dry else miner_dry(GenerationSettings())
+        runs = bench_tasks(Levers(backend, dry), args.tasks, args.repeat, rows, IN_PROCESS)
+        work = (bench_batching(Levers(backend, dry), args.batch_task, args.batch_requests, rows, "miner")
                 if args.batch_requests else [])
         if args.burst:
             bench_burst(backend, args.burst_task, args.burst, args.burst_rounds, rows)
@@ -582,9 +593,10 @@ def command(args: argparse.Namespace) -> int:
     if args.engine_process and (args.tasks or args.batch_requests):
         child = LlamaCppProcess(settings)  # the same work through the process boundary the miner serves with
         try:
-            bench_tasks(Levers(child), args.tasks, args.repeat, rows, IN_CHILD)
+            bench_tasks(Levers(child, dry), args.tasks, args.repeat, rows, IN_CHILD)
             if args.batch_requests:
-                bench_batching(Levers(child), args.batch_task, args.batch_requests, rows, "miner in a child process")
+                bench_batching(Levers(child, dry), args.batch_task, args.batch_requests, rows,
+                               "miner in a child process")
         finally:
             child.close()
         note_process_cost(rows)

@@ -85,7 +85,14 @@ class GenerationSettings(_Strict):
     language: str = Field("auto", description="auto answers in the request's language; or a language name, e.g. English.")
     temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
-    repeat_penalty: float = Field(1.1, ge=1, le=2, description="Local models: discourages loops; 1.0 is off.")
+    repeat_penalty: float = Field(1.1, ge=1, le=2, description="Local models: the last 64 tokens made less likely "
+                                  "(punctuation and line breaks exempt); 1.0 is off.")
+    dry_multiplier: float = Field(0.8, ge=0, le=5, description="Local models: llama.cpp's DRY sampler, how hard a "
+                                  "token that would repeat a phrase already written is pushed down; 0 is off.")
+    dry_base: float = Field(1.75, ge=1, le=4, description="DRY: how fast the push grows with the repeat's length.")
+    dry_allowed_length: int = Field(2, ge=1, le=20, description="DRY: repeats this many tokens long go free.")
+    dry_last_n: int = Field(1024, ge=-1, le=65536, description="DRY: tokens of the answer it looks back over "
+                            "(-1: the whole context).")
     max_input_chars: int = Field(2000, ge=10, le=100_000, description="Longest user_input accepted.")
     max_context_chars: int = Field(30_000, ge=1000, le=1_000_000, description="Largest blueprint/characters/story_arc JSON accepted.")
     max_chapters: int = Field(3, ge=1, le=12, description="Most chapter ids answered in one request.")

@@ -116,7 +116,8 @@ def forward(output: Any, step_task: str) -> Forwarded:
         problems.append(f"forwarded with task_type {entry['task_type']!r}, not the step's {step_task!r}")
     seconds = entry["generation_time"]
     if "generation_time" not in output or not isinstance(seconds, float) or not math.isfinite(seconds) or seconds < 0:
-        problems.append(f"forwarded with generation_time {seconds!r} (output_data says {output.get('generation_time')!r})")
+        problems.append(f"forwarded with generation_time {seconds!r} (output_data says "
+                        f"{output.get('generation_time')!r})")
     if not isinstance(entry["model_info"], dict):
         problems.append(f"forwarded with model_info {entry['model_info']!r:.60}, not an object")
     if entry["output_data"] != output:

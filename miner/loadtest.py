@@ -316,7 +316,8 @@ def print_table(s: dict, run: Run) -> None:
               f"max {s['scrape_max_ms']:.1f} ms"
               + (f"; GPU memory in use {m['gpu_used_mib']} MiB" if m["gpu_used_mib"] is not None else ""))
     if s["engine_rss_series_mib"]:
-        print("engine process RSS (s pid: MiB): " + ", ".join(f"{t} {pid}: {m}" for t, pid, m in s["engine_rss_series_mib"]))
+        print("engine process RSS (s pid: MiB): "
+              + ", ".join(f"{t} {pid}: {m}" for t, pid, m in s["engine_rss_series_mib"]))
     if s["faults"]:
         restarts = (s["miner_metrics"] or {}).get("engine_restarts")
         print(f"faults injected: {len(s['faults'])} ("

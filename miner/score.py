@@ -214,12 +214,14 @@ def narrative_text(answer: dict, task: str) -> str:
     if task == "blueprint":
         themes = answer.get("themes")
         parts = [_s(answer.get(k)) for k in ("title", "genre", "setting", "core_conflict")]
-        return "\n".join(parts + [" ".join(t for t in themes if isinstance(t, str)) if isinstance(themes, list) else ""])
+        theme_text = " ".join(t for t in themes if isinstance(t, str)) if isinstance(themes, list) else ""
+        return "\n".join(parts + [theme_text])
     if task == "characters":
         return "\n".join(f"{_s(c.get('name'))} {_s(c.get('background'))} {_s(c.get('motivation'))}"
                          for c in _dicts(answer.get("characters"))[:5])
     if task == "story_arc":
-        return "\n".join(f"{_s(c.get('title'))} {_s(c.get('description'))}" for c in _dicts(answer.get("chapters"))[:12])
+        chapters = _dicts(answer.get("chapters"))[:12]
+        return "\n".join(f"{_s(c.get('title'))} {_s(c.get('description'))}" for c in chapters)
     return "\n".join(_s(c.get("content")) for c in _dicts(answer.get("chapters"))[:3])
 
 
@@ -285,6 +287,39 @@ def _consistency(a: dict, task: str) -> float:
                + (3.75 if with_choices >= len(chapters) else 1.875 if with_choices else 0.0), 7.5)
 
 
+# --- what the prose looks like: the facts the scores rest on ------------------------------------------------
+PROSE_FIELDS = {"blueprint": (("setting",), ("core_conflict",)),
+                "characters": (("characters", "background"), ("characters", "motivation")),
+                "story_arc": (("chapters", "description"),), "chapters": (("chapters", "content"),)}
+ENDS = tuple(".!?。！？…」』”’\"')）")
+THRESHOLDS = (200, 500, 1000, 2000)  # of the narrative rules' text (a chapters answer's 2,000: all its content)
+
+
+def prose_fields(answer: dict, task: str) -> list[str]:
+    found = []
+    for path in PROSE_FIELDS[task]:
+        if len(path) == 1:
+            found.append(_s(answer.get(path[0])))
+        else:
+            found += [_s(item.get(path[1])) for item in _dicts(answer.get(path[0]))]
+    return found
+
+
+def facts(answer: Any, task: str) -> dict[str, Any] | None:
+    """Paragraphs per chapter, the share of judged prose fields that end on a full sentence, and which of the
+    rules' length thresholds the narrative text passes; None for an error answer."""
+    if not isinstance(answer, dict) or "error" in answer or task not in TASK_TYPES:
+        return None
+    fields = [f.rstrip() for f in prose_fields(answer, task)]
+    text = narrative_text(answer, task)
+    found = {"sentence_ends": sum(f.endswith(ENDS) for f in fields) / len(fields) if fields else 0.0,
+             "above": {n: len(text) > n for n in THRESHOLDS}}
+    if task == "chapters":
+        found["paragraphs"] = [len([p for p in _s(c.get("content")).split("\n") if p.strip()])
+                               for c in _dicts(answer.get("chapters"))]
+    return found
+
+
 # --- the whole --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Score:
@@ -342,6 +377,29 @@ def score_all(items: list[dict]) -> list[Score]:
     return scores
 
 
+def prose_summary(items: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per task: answers, mean paragraphs per chapter, the share of prose fields ending on a sentence, and
+    the share of answers above each of the rules' length thresholds."""
+    by_task: dict[str, list[dict]] = {}
+    for item in items:
+        answer = item.get("output_data", item)
+        task = item.get("task_type", "")
+        if (found := facts(answer, task)) is not None:
+            by_task.setdefault(task, []).append(found)
+    summary = {}
+    for task, found in by_task.items():
+        row: dict[str, Any] = {"answers": len(found),
+                               "sentence_ends": round(statistics.mean(f["sentence_ends"] for f in found), 3),
+                               "above": {n: round(statistics.mean(f["above"][n] for f in found), 3)
+                                         for n in THRESHOLDS}}
+        if task == "chapters":
+            counts = [n for f in found for n in f["paragraphs"]]
+            row["paragraphs_mean"] = round(statistics.mean(counts), 2) if counts else 0.0
+            row["paragraphs_min"] = min(counts, default=0)
+        summary[task] = row
+    return summary
+
+
 def means(scores: list[Score]) -> dict[str, dict[str, float]]:
     """Per task and for all: the mean of each part and of the total."""
     groups = {"all": scores, **{t: [s for s in scores if s.task == t] for t in TASK_TYPES}}
@@ -360,9 +418,11 @@ def command(args: argparse.Namespace) -> int:
         text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{args.file}: cannot read it ({e.strerror})") from None
-    scores = score_all(read_answers(text))
+    items = read_answers(text)
+    scores = score_all(items)
     if args.json:
-        json.dump({"answers": [asdict(s) for s in scores], "means": means(scores)}, sys.stdout, indent=2)
+        json.dump({"answers": [asdict(s) for s in scores], "means": means(scores), "prose": prose_summary(items)},
+                  sys.stdout, indent=2)
         print()
         return 0
     columns = ("technical", "structure", "content", "narrative", "total")
@@ -373,4 +433,10 @@ def command(args: argparse.Namespace) -> int:
         print(f"mean {name:<10}" + "".join(f"{row[c]:>11.2f}" for c in columns) + f"  ({row['answers']} answers)")
     print(f"of {', '.join(f'{c} {w}' for c, (_, w) in PARTS.items())}; narrative by the public rules: the "
           f"service's is an LLM judge this cannot reproduce, and relevance is 0 (no request is forwarded)")
+    for task, row in prose_summary(items).items():
+        above = ", ".join(f">{n}: {share:.0%}" for n, share in row["above"].items())
+        paragraphs = (f"; paragraphs per chapter {row['paragraphs_mean']} (fewest {row['paragraphs_min']})"
+                      if "paragraphs_mean" in row else "")
+        print(f"prose {task:<10} {row['answers']} answers: {row['sentence_ends']:.0%} of prose fields end on a "
+              f"sentence; narrative text above {above}{paragraphs}")
     return 0

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import BackendError, Generation, Request
+from backends.base import BackendError, Dry, Generation, Request
 from backends.chain import Chain
 from miner.config import GenerationSettings
 from miner.contract import VALIDATOR_TIMEOUT_S, error_answer, with_miner_fields
@@ -205,6 +205,8 @@ class StoryService:
             language_sample=language_sample(ctx.user_input, language), priority=priority,
             temperature=self.settings.temperature, top_p=self.settings.top_p,
             repeat_penalty=self.settings.repeat_penalty,
+            dry=Dry(self.settings.dry_multiplier, self.settings.dry_base, self.settings.dry_allowed_length,
+                    self.settings.dry_last_n) if self.settings.dry_multiplier > 0 else None,
             cancelled=cancelled if cancelled is not None else threading.Event())
 
     def answer(self, fields: dict[str, Any], timeout_s: float | None = None, priority: float = 0.0,

@@ -20,6 +20,7 @@ from miner.neuron import Miner, no_public_ip_lookup
 from miner.protocol import StoryGenerationSynapse
 from miner.contract import VALIDATOR_TIMEOUT_S, answer_of, unknown_model_info
 from miner.forwarded import forward
+from miner.score import facts, prose_fields
 from miner.service import StoryService, prepare
 from miner.tasks import TASKS, Context
 from tests.fakes import BLUEPRINT, CHAPTER, FakeBackend, chain_of
@@ -34,8 +35,9 @@ def served(embedded_backend, tmp_path_factory):
     """An offline miner allowlisting one validator wallet; yields (miner, validator dendrite, stranger dendrite)."""
     wallets = str(tmp_path_factory.mktemp("wallets"))
     validator, stranger = make_wallet(wallets, "validator"), make_wallet(wallets, "stranger")
-    # The longest target the config allows: CPU time here is shared, and speed is bench.py's business.
-    config = Config(generation=GenerationSettings(target_s=55))
+    # Answers sized for 10 s: what is checked here (the wire, the contract, prose that ends on sentences and
+    # chapters in paragraphs) holds at any size, and speed is bench.py's business.
+    config = Config(generation=GenerationSettings(target_s=10))
     service = StoryService(Chain([BackendState(embedded_backend, "local")]), config.generation)
     service.chain.close = lambda: None  # Miner.close() unloads its chain; the session's model outlives this module
     with no_public_ip_lookup():
@@ -61,6 +63,11 @@ def test_each_task_answers_a_321_validator_as_it_reads_the_answer(served, task):
     sent = forward(output, task)  # as the validator rebuilds it and sends it for scoring
     assert sent.problems == [] and sent.task_type == task
     TASKS[task].check(answer_of(sent.entry["output_data"]), prepare(fields, GenerationSettings())[1])
+    prose = facts(sent.entry["output_data"], task)  # by construction, even from the 135M demo model
+    assert prose["sentence_ends"] == 1.0, prose_fields(output, task)  # every judged prose field ends a sentence
+    if task == "chapters":
+        chapter = output["chapters"][0]["content"]
+        assert chapter.count("\n\n") >= 2 and prose["paragraphs"][0] >= 3, chapter
     assert sent.entry["model_info"]["mode"] == "local" and "embedded demo model" in sent.entry["model_info"]["name"]
     assert 0 < sent.entry["generation_time"] < 60
 

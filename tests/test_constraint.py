@@ -8,13 +8,13 @@ import pytest
 
 from backends import llama_lowlevel as ll
 from backends.base import BackendError
-from backends.constraint import SPACES, Vocabulary
+from backends.constraint import SENTENCE_ENDS, SPACES, Vocabulary
 from backends.sizing import skeleton
 from miner import examples
 from miner.config import GenerationSettings
 from miner.service import prepare
 from miner.tasks import TASKS
-from miner.tasks.common import obj, text, texts
+from miner.tasks.common import obj, prose, text, texts
 from models.embedded import embedded_model_path
 
 CTX = prepare(examples.example_fields("chapters"), GenerationSettings())[1]
@@ -65,6 +65,27 @@ def test_a_string_below_its_floor_cannot_end(model, vocab):
     assert any(t == b"c" for t in texts)
 
 
+def test_prose_closes_only_after_a_sentence_ends(model, vocab):
+    """The closing quote waits for the end of a sentence, in either script; by its maxLength the string
+    must have one."""
+    matcher = vocab.matcher(obj(story=prose(20, 60)))
+    feed(model, matcher, '{"story":"The tide came in and the boats')
+    logits = np.zeros(model.n_vocab, dtype=np.float32)
+    matcher.restrict(logits)
+    assert not any(model.piece(int(t)).startswith(b'"') for t in np.flatnonzero(np.isfinite(logits)))
+    feed(model, matcher, ' stayed out.')
+    closing = model.tokenize('"}', add_special=False, parse_special=False)
+    assert matcher.ll.validate_tokens(closing) == len(closing)
+    chinese = vocab.matcher(obj(story=prose(5, 11)))
+    feed(model, chinese, '{"story":"潮水涨了，船没有回来')  # 10 characters and no end yet: the 11th must end it
+    logits[:] = 0
+    chinese.restrict(logits)
+    pieces = [model.piece(int(t)) for t in np.flatnonzero(np.isfinite(logits))]
+    ends = [e.encode() for e in SENTENCE_ENDS] + [b"\\"]  # or an escaped quote
+    assert "。".encode() in pieces  # and the rest are ends too, whole or their first bytes
+    assert all(any(p.startswith(e) or e.startswith(p) for e in ends) for p in pieces)
+
+
 def test_the_one_token_check_agrees_with_the_full_mask(model, vocab):
     """The lazy check asks the matcher about the drawn token alone; it must say what the mask says."""
     schema = obj(story=text(1, 10))
@@ -87,6 +108,9 @@ def test_a_finished_answer_parses_and_is_done(model, vocab):
     matcher = vocab.matcher(schema)
     answer = {k: v for k, v in examples.BLUEPRINT.items()}
     answer["themes"] = answer["themes"][:4]
+    # the schema asks for more than the contract: prose past the scoring rules' thresholds
+    answer["setting"] += " Supplies run low, the crews whisper about ghosts, and nobody sleeps well anymore."
+    answer["core_conflict"] += " Either way, someone she trusts will be lost."
     feed(model, matcher, json.dumps(answer, ensure_ascii=False, separators=(",", ":")))
     assert matcher.done
 

@@ -88,7 +88,7 @@ def test_a_backend_failing_mid_answer_costs_no_answer(embedded_backend, writer, 
     monkeypatch.setattr(embedded_backend.engine.vocab, "matcher", matcher)
     writer_state = Chain.from_config([writer], ChainSettings()).states[0]
     chain = Chain([BackendState(embedded_backend, "local"), writer_state])
-    service = StoryService(chain, GenerationSettings())
+    service = StoryService(chain, GenerationSettings(target_s=8))  # sized small: the failure is the point
     answers = [None, None]
 
     def ask(i: int) -> None:  # a long timeout: a CPU shared with other work must not make the model refuse

@@ -138,3 +138,5 @@ def test_keys_an_api_adds_never_reach_the_validators_rebuild(api_served, key):
     assert sent.problems == [], sent.problems
     assert answer_of(output) == BLUEPRINT  # the answer still counts, whole, and only the contract's keys
     assert output["model_info"]["mode"] == "api" and output["task_type"] == "blueprint"
+    sent_schema = json.dumps(api.requests[-1]["body"]["response_format"]["json_schema"]["schema"])
+    assert "minLength" in sent_schema and "x-" not in sent_schema and "pattern" not in sent_schema  # plain JSON Schema

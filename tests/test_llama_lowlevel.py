@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from backends import llama_lowlevel as ll
+from backends.base import Dry
 from models.embedded import embedded_model_path
 
 pytestmark = pytest.mark.slow  # the embedded model
@@ -187,3 +188,56 @@ def test_the_repeat_penalty_sees_only_the_tokens_a_sequence_went_on_with(model, 
 
 def test_the_version_is_the_pinned_one():
     assert ll.version() == "0.3.36"
+
+
+def test_dry_holds_back_a_token_that_would_extend_a_repeat(model, ctx):
+    """llama.cpp's DRY sampler in the chain: after "sun moon star sky sun moon star", "sky" would make the
+    repeat 4 tokens long (2 allowed): it loses 0.8 x 1.75^(3 - 2) = 1.4 of its logit, and another token wins.
+    A draw is not accepted into DRY's history: only what the sequence goes on with is."""
+    words = [model.tokenize(f" {w}", add_special=False, parse_special=False) for w in ("sun", "moon", "star", "sky")]
+    assert all(len(w) == 1 for w in words)
+    sun, moon, star, sky = (w[0] for w in words)
+    other = model.tokenize(" river", add_special=False, parse_special=False)[0]
+    tokens = model.tokenize(PROMPT, add_special=False, parse_special=False)
+    batch = ll.Batch(128)
+    decode_prompt(ctx, batch, tokens, 0)
+    row = len(tokens) - 1
+
+    def leaning_to_sky(chain: ll.SamplerChain) -> int:
+        view = ctx.logits(row)
+        view[:] = -np.inf
+        view[sky], view[other] = 2.0, 1.5
+        return chain.draw(ctx, row)
+
+    plain = ll.SamplerChain(temperature=0.0, top_p=1.0, repeat_penalty=1.0, seed=1)
+    dry = ll.SamplerChain(temperature=0.0, top_p=1.0, repeat_penalty=1.0, seed=1, dry=Dry(), model=model)
+    for chain in (plain, dry):
+        for token in (sun, moon, star, sky, sun, moon):
+            chain.accept(token)
+    assert leaning_to_sky(plain) == sky and leaning_to_sky(dry) == sky  # "sun moon" went on with star: no repeat
+    for chain in (plain, dry):
+        chain.accept(star)
+    assert leaning_to_sky(plain) == sky
+    assert leaning_to_sky(dry) == other
+    assert leaning_to_sky(dry) == other  # the first draw left no trace
+    plain.close()
+    dry.close()
+    batch.close()
+
+
+def test_the_repeat_penalty_leaves_punctuation_and_line_breaks_alone(model, ctx):
+    exempt = ll.exempt_tokens(model)
+    period, newline, sun = (model.tokenize(t, add_special=False, parse_special=False)[0] for t in (".", "\n", " sun"))
+    assert exempt[period] and exempt[newline] and not exempt[sun]
+    tokens = model.tokenize(PROMPT, add_special=False, parse_special=False)
+    batch = ll.Batch(128)
+    logits = decode_prompt(ctx, batch, tokens, 0).copy()
+    chain = ll.SamplerChain(temperature=0.8, top_p=0.95, repeat_penalty=2.0, seed=3, exempt=exempt)
+    for token in (period, newline, sun):
+        chain.accept(token)
+    view = ctx.logits(len(tokens) - 1)
+    chain.penalize(view)
+    assert view[period] == logits[period] and view[newline] == logits[newline]
+    assert view[sun] == pytest.approx(logits[sun] / 2.0 if logits[sun] > 0 else logits[sun] * 2.0)
+    chain.close()
+    batch.close()

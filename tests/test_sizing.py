@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from backends import llama_lowlevel as ll
-from backends.sizing import CharCost, Cost, Speed, fit_schema, shrink, strings_in, worst_case
+from backends.constraint import ENDS_ON_SENTENCE
+from backends.sizing import UNSCORED, CharCost, Cost, Speed, fit_schema, shrink, strings_in, worst_case
 from miner import examples
 from miner.config import GenerationSettings
 from miner.service import prepare
 from miner.tasks import TASKS, Context
-from miner.tasks.common import SAMPLES, obj, text, texts
+from miner.tasks.common import SAMPLES, aside, obj, prose, text, texts
 from models.embedded import embedded_model_path
 
 CHINESE = SAMPLES["Simplified Chinese"]
@@ -38,6 +39,43 @@ def test_shrink_moves_every_ceiling_toward_its_floor_and_never_below():
     half = shrink(schema, 0.5)
     assert half["properties"]["a"]["maxLength"] == 175 and half["properties"]["b"]["maxItems"] == 3
     assert schema["properties"]["a"]["maxLength"] == 300  # the original is left alone
+
+
+def test_what_no_scorer_reads_shrinks_first_and_judged_prose_falls_below_its_floor_last():
+    """Three stages: the unscored parts to their floors first (scale 1 -> 2/3), then the judged prose to its
+    floors, the lengths the scoring rules reward (2/3 -> 1/3), then to its LEAST, the contract's own floor
+    (1/3 -> 0), so an answer that must be small to arrive in time still arrives."""
+    schema = obj(story=prose(300, 600, least=100), tone=aside(text(10, 40)), tags=aside(texts(2, 4, 2, 20)))
+    assert shrink(schema, 1.0) == schema
+    at = lambda scale, key: shrink(schema, scale)["properties"][key]  # noqa: E731
+    assert (at(2 / 3, "story")["maxLength"], at(2 / 3, "tone")["maxLength"], at(2 / 3, "tags")["maxItems"]) == (
+        600, 10, 2)
+    assert at(0.5, "story")["maxLength"] == 450 and at(0.5, "story")["minLength"] == 300
+    assert (at(1 / 3, "story")["minLength"], at(1 / 3, "story")["maxLength"]) == (300, 300)
+    assert (at(1 / 6, "story")["minLength"], at(1 / 6, "story")["maxLength"]) == (200, 200)
+    assert (at(0.0, "story")["minLength"], at(0.0, "story")["maxLength"]) == (100, 100)
+
+
+def test_every_task_keeps_its_judged_prose_whole_while_what_no_scorer_reads_gives_way():
+    for task in TASKS:
+        spec, ctx = prepare(examples.validator_fields(task, examples.VALIDATOR_PROMPTS[0]), GenerationSettings())
+        schema = spec.schema(ctx)
+        unscored_only = shrink(schema, 2 / 3)
+        for full, sized in zip(prose_nodes(schema), prose_nodes(unscored_only)):
+            assert sized == full, task  # every judged prose string keeps its length
+        assert worst_case(unscored_only, 1.0, len).tokens < worst_case(schema, 1.0, len).tokens, task
+
+
+def prose_nodes(schema):
+    """The judged prose strings of a schema, in order (not under an unscored node)."""
+    if isinstance(schema, dict) and not schema.get(UNSCORED):
+        if schema.get("pattern") == ENDS_ON_SENTENCE:
+            yield schema
+        for value in schema.values():
+            yield from prose_nodes(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            yield from prose_nodes(value)
 
 
 def test_the_worst_case_counts_every_string_at_its_maximum_and_the_forced_text(model):

@@ -61,8 +61,8 @@ class Served:
         self.validator = make_wallet(str(tmp_path), "validator")
         chain = Chain([BackendState(b, b.name) for b in backends], failures_before_cooldown=2, cooldown_s=0.0)
         with no_public_ip_lookup():
-            self.miner = start_offline_miner(Config(), StoryService(chain, GenerationSettings()), str(tmp_path),
-                                             [self.validator.hotkey.ss58_address])
+            service = StoryService(chain, GenerationSettings(target_s=5))  # small answers: the faults are the point
+            self.miner = start_offline_miner(Config(), service, str(tmp_path), [self.validator.hotkey.ss58_address])
             self.dendrite = bt.Dendrite(wallet=self.validator)
 
     def ask(self) -> tuple[dict, float]:

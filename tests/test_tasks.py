@@ -5,6 +5,7 @@ import json
 import pytest
 
 from miner import examples
+from backends.sizing import LEAST
 from miner.tasks import TASKS, Context, ContractError, parse_json_object
 from miner.tasks.characters import ROLES
 from miner.tasks.common import detect_language, language_instruction
@@ -61,10 +62,12 @@ def test_a_broken_answer_names_the_problem(task, change, message):
 
 
 def test_the_blueprint_schema_and_its_check_hold_the_same_bounds():
+    """The check's bounds are the schema's: its ceilings, and its floors as far down as the schema may fall
+    under load (LEAST: the contract's own minimum, below the lengths the scoring rules reward)."""
     properties = TASKS["blueprint"].schema(CTX)["properties"]
     for key, field in properties.items():
         if field["type"] == "string":
-            lo, hi, value = field["minLength"], field["maxLength"], lambda n: "字" * n
+            lo, hi, value = field.get(LEAST, field["minLength"]), field["maxLength"], lambda n: "字" * (n - 1) + "。"
         else:
             lo, hi, value = field["minItems"], field["maxItems"], lambda n: ["主题"] * n
         for n, passes in ((lo, True), (hi, True), (lo - 1, False), (hi + 1, False)):
@@ -110,8 +113,12 @@ def test_schemas_pin_what_json_schema_can():
     arc = TASKS["story_arc"].schema(CTX)["properties"]
     assert [c["properties"]["id"]["const"] for c in arc["chapters"]["prefixItems"]] == list(range(1, 13))
     assert list(arc["arcs"]["properties"]) == ["act1", "act2a", "act2b", "act3"]
-    content = TASKS["chapters"].schema(CTX)["properties"]["chapters"]["prefixItems"][0]["properties"]["content"]
-    assert content["minLength"] >= 1000 and content["maxLength"] <= 3000
+    paragraphs = TASKS["chapters"].schema(CTX)["properties"]["chapters"]["prefixItems"][0]["properties"]["paragraphs"]
+    fewest, most, one = paragraphs["minItems"], paragraphs["maxItems"], paragraphs["items"]
+    joins = 2 * (fewest - 1)  # a blank line between paragraphs in the contract's content
+    assert fewest >= 3 and fewest * one[LEAST] + joins >= 1000  # the contract's floor, even shrunk to the least
+    assert fewest * one["minLength"] + joins > 1000  # past the rules' threshold when time allows
+    assert most * one["maxLength"] + 2 * (most - 1) <= 3000
     blueprint = TASKS["blueprint"].schema(CTX)
     assert blueprint["additionalProperties"] is False and set(blueprint["required"]) == set(GOOD["blueprint"])
 

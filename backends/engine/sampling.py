@@ -33,6 +33,7 @@ def draw(job: Job, ctx: Context, row: int, model: Model) -> str | None:
     if job.matcher is not None:
         job.matcher.consume([token])
         forced = job.matcher.forced()
+        job.sampler.follow(forced)
         job.out += forced
         job.pending += forced
         job.forced += len(forced)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from miner.tasks.common import (about, at, check_dict, check_str, check_str_list, const, exact_items, obj, text,
-                                texts)
+from miner.tasks.common import (about, aside, at, check_dict, check_str, check_str_list, const, exact_items, obj,
+                                prose, text, texts)
 from miner.tasks.task import Task
 
 ROLES = ("protagonist", "ally", "rival", "mentor", "wildcard")
@@ -23,11 +23,22 @@ def instructions(ctx, schema: dict[str, Any]) -> str:
         "relate to the named characters. Fit them to the blueprint's world and conflict.")
 
 
+# The judged prose (what the narrative rules and the judge read: name, background, motivation) has floors
+# above the rules' thresholds: 5 x (130 + 70 + a name) is more than the 1,000 characters counted (margin 2%
+# with two-letter names, 8% with the usual ones), and 5 backgrounds of 130 characters are more than the
+# 100 words fluency counts in English. archetype, skills, traits and relationships are read by no scorer
+# (structure counts them): they give up their length first under load.
+BACKGROUND, MOTIVATION = (130, 220), (70, 120)
+SHORTEST = {"background": 20, "motivation": 10}  # what they may fall to under load: the answer still arrives
+
+
 def _character(role: str) -> dict[str, Any]:
     return obj(
-        id=const(role), name=text(2, 30), archetype=text(3, 30), background=text(20, 180),
-        motivation=text(10, 100), skills=texts(2, 3, 2, 20), personality_traits=texts(2, 3, 2, 16),
-        relationships=obj(**{other: text(6, 64) for other in TIES[role]}))
+        id=const(role), name=text(2, 30), archetype=aside(text(3, 30)),
+        background=prose(*BACKGROUND, least=SHORTEST["background"]),
+        motivation=prose(*MOTIVATION, least=SHORTEST["motivation"]), skills=aside(texts(2, 3, 2, 20)),
+        personality_traits=aside(texts(2, 3, 2, 16)),
+        relationships=aside(obj(**{other: text(6, 64) for other in TIES[role]})))
 
 
 def schema(ctx) -> dict[str, Any]:
@@ -35,7 +46,7 @@ def schema(ctx) -> dict[str, Any]:
 
 
 def max_tokens(ctx) -> int:
-    return 3000
+    return 4000
 
 
 def check(answer: dict, ctx) -> list[str]:

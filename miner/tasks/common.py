@@ -6,6 +6,9 @@ import json
 import re
 from typing import Any
 
+from backends.constraint import ENDS_ON_SENTENCE
+from backends.sizing import LEAST, UNSCORED
+
 # Scripts that name a language unambiguously; anything else is "the request's language".
 _SCRIPTS: list[tuple[str, str]] = [
     (r"[\u3040-\u30ff]", "Japanese"),
@@ -71,6 +74,20 @@ def language_sample(user_input: str, configured: str) -> str:
 # Schema builders: every object lists all its properties as required, in the order they are written.
 def text(lo: int, hi: int) -> dict[str, Any]:
     return {"type": "string", "minLength": lo, "maxLength": hi}
+
+
+def prose(lo: int, hi: int, least: int | None = None) -> dict[str, Any]:
+    """Prose a scorer reads: it ends on a full sentence (the local engine cannot close it anywhere else).
+    `least`: what it may fall to below `lo` (the contract's own floor) when an answer must be small to
+    arrive in time; `lo` is what the scoring rules reward."""
+    node = {**text(lo, hi), "pattern": ENDS_ON_SENTENCE}
+    return {**node, LEAST: least} if least is not None and least < lo else node
+
+
+def aside(node: dict[str, Any]) -> dict[str, Any]:
+    """A part no scorer reads (docs/protocol.md, "What the scorers read"): under load it gives up its length
+    before the prose that is judged does."""
+    return {**node, UNSCORED: True}
 
 
 def texts(lo_items: int, hi_items: int, lo: int, hi: int) -> dict[str, Any]:

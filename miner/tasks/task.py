@@ -47,6 +47,11 @@ class Task(ABC):
         """Every rule of the contract the answer breaks (things a schema cannot say, like distinct
         consequences); empty when it meets them all."""
 
+    def to_contract(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """The contract's shape of what the model wrote to the schema (chapters: paragraphs into content);
+        the answer itself where they are the same."""
+        return answer
+
     def retry_path(self, answer: dict[str, Any], ctx: Context) -> list[str | int] | None:
         """Where, for a lone problem, the answer went wrong: a retry keeps what comes before. None: retry whole."""
         return None
@@ -67,19 +72,22 @@ class Task(ABC):
         return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
 
     def check(self, obj: Any, ctx: Context) -> dict[str, Any]:
-        """Return the answer, its contract's keys only, if it meets the contract; else raise ContractError
-        listing every problem and, where the task can tell, the start of the answer a retry may keep.
+        """Return the answer in the contract's shape, its keys only, if it meets the contract; else raise
+        ContractError listing every problem and, where the task can tell, the start of the answer a retry may
+        keep.
         Keys an API adds are dropped: a 3.2.1 validator sets each key that names a synapse field on a
         synapse of its own, and a value that field refuses costs every miner of its step (contract.py)."""
         if not isinstance(obj, dict):
             raise ContractError(f"{self.name}: expected a JSON object, got {type(obj).__name__}")
-        problems = self.problems(obj, ctx)
+        answer = self.to_contract(obj)
+        problems = self.problems(answer, ctx)
         if problems:
-            path = self.retry_path(obj, ctx) if len(problems) == 1 else None  # a lone problem is worth it
+            path = self.retry_path(answer, ctx) if len(problems) == 1 else None  # a lone problem is worth it
+            # the retry continues the model's own text, in the schema's shape
             raise ContractError(f"{self.name}: " + "; ".join(problems),
                                 retry_from=prefix_before(obj, path) if path else None)
         keys = self.schema(ctx)["properties"]
-        extra = [key for key in obj if key not in keys]
+        extra = [key for key in answer if key not in keys]
         if extra:
             log.debug("%s: dropped keys outside the contract: %s", self.name, ", ".join(map(repr, extra[:10])))
-        return {key: obj[key] for key in keys}
+        return {key: answer[key] for key in keys}
