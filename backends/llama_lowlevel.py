@@ -20,6 +20,8 @@ from backends.base import Dry
 from backends.errors import LlamaError, NoKvRoom
 
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's defaults: a repeat is counted from the last of these
 ALL_LAYERS = 0x7FFFFFFF  # llama.cpp clamps this to "every layer"
 
 # llama.cpp logs through llama-cpp-python's logger; below ERROR it is load chatter, not news.
@@ -39,6 +41,7 @@ class Model:
             raise LlamaError(f"llama.cpp could not load {path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self._dry: dict[Dry, int] = {}  # DRY samplers to clone, by settings
 
     def meta(self, key: str) -> str | None:
         size = 1 << 16
@@ -89,7 +92,21 @@ class Model:
     def detokenize(self, tokens: list[int]) -> bytes:
         return b"".join(self.piece(t) for t in tokens)
 
+    def dry_sampler(self, dry: Dry) -> int:
+        """A new DRY sampler with these settings, with no history. Made once per settings and cloned after:
+        making one reads every token of the vocabulary for the sequence breakers (48 ms at 128k tokens on
+        2 cores), which would hold up the engine's thread at every admission; a clone takes 0.4 ms."""
+        if dry not in self._dry:
+            breakers = (ctypes.c_char_p * len(DRY_BREAKERS))(*(b.encode() for b in DRY_BREAKERS))
+            self._dry[dry] = llama_cpp.llama_sampler_init_dry(self.vocab, dry.multiplier, dry.base,
+                                                              dry.allowed_length, dry.last_n, breakers,
+                                                              len(DRY_BREAKERS))
+        return llama_cpp.llama_sampler_clone(self._dry[dry])
+
     def close(self) -> None:
+        for template in self._dry.values():
+            llama_cpp.llama_sampler_free(template)
+        self._dry = {}
         if self.ptr:
             llama_cpp.llama_model_free(self.ptr)
             self.ptr = None
@@ -205,10 +222,6 @@ class Batch:
             self.capacity = 0
 
 
-TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
-DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's defaults: a repeat is counted from the last of these
-
-
 class SamplerChain:
     """One sequence's sampling: its repeat penalty, then llama.cpp's C chain (top-k, DRY, top-p, temperature,
     draw).
@@ -234,9 +247,7 @@ class SamplerChain:
         if dry is not None and dry.multiplier > 0:
             if model is None:
                 raise ValueError("DRY needs the model's vocabulary")
-            breakers = (ctypes.c_char_p * len(DRY_BREAKERS))(*(b.encode() for b in DRY_BREAKERS))
-            steps.append(llama_cpp.llama_sampler_init_dry(model.vocab, dry.multiplier, dry.base, dry.allowed_length,
-                                                          dry.last_n, breakers, len(DRY_BREAKERS)))
+            steps.append(model.dry_sampler(dry))
             self._candidates = np.empty(model.n_vocab, dtype=TOKEN_DATA)
             self._ids = np.arange(model.n_vocab, dtype=np.int32)
             self._array = llama_cpp.llama_token_data_array(
