@@ -120,6 +120,7 @@ class Gauges:
     last_step_age_s: float | None = None  # since the engine last finished a step (None: none yet)
     restarts: int | None = None  # engine processes restarted since the miner started (None: not supervised)
     gpu_memory: tuple[int, int] | None = None  # (used, total) bytes of the GPU the engine runs on
+    prefill_tok_s: float | None = None  # learned prompt speed
 
 
 class Backend(ABC):

@@ -34,8 +34,9 @@ from backends.llama_build import system_info
 from backends.sizing import CharCost, Cost, fit_schema, shrink, strings_in, worst_case
 from models import fit
 from backends.errors import DoesNotFit
-from models.errors import ModelError
+from models.errors import ModelError, UnloadableModelError
 from models.catalog import load_profile
+from models.host import default_threads
 from models.embedded import DISPLAY_NAME, EmbeddedModelMissing, embedded_model_path
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,11 @@ class LlamaCppSettings(BackendSettings):
     mmap: bool | Literal["auto"] = Field(
         "auto", description="Map the model file instead of reading it into memory. A mapped file must not be "
         "overwritten in place while the miner runs (the process dies of SIGBUS); mapping lets a model larger "
-        "than RAM run. auto: read it when it fits in half the RAM, map it otherwise.")
+        "than RAM run. auto: read it when it fits in half the RAM, map it otherwise; read it when experts stay in "
+        "RAM (n_cpu_moe above 0), as llama.cpp advises for tensors kept on the CPU.")
+    n_cpu_moe: int | Literal["auto"] = Field(
+        "auto", description="MoE models: keep the experts of the first N blocks in system RAM, as llama.cpp's "
+        "--n-cpu-moe; auto: the fewest that let every layer on the GPU.")
     engine_process: bool = Field(
         True, description="Run the model and its engine in a child process the miner supervises: a crash or a "
         "CUDA fault there costs the answers in flight, not the miner, and a step that stops returning is caught; "
@@ -102,10 +107,10 @@ class LlamaCppSettings(BackendSettings):
             raise ValueError("must be -1 (all), 0 (none), a positive layer count, or auto")
         return v
 
-    @field_validator("n_ctx", "parallel")
+    @field_validator("n_ctx", "parallel", "n_cpu_moe")
     @classmethod
     def _in_range(cls, v: int | str, info: ValidationInfo) -> int | str:
-        lo, hi = {"n_ctx": (512, 131072), "parallel": (1, 64)}[info.field_name]
+        lo, hi = {"n_ctx": (512, 131072), "parallel": (1, 64), "n_cpu_moe": (0, 4096)}[info.field_name]
         if isinstance(v, int) and not lo <= v <= hi:
             raise ValueError(f"must be between {lo} and {hi}, or auto")
         return v
@@ -150,12 +155,6 @@ def file_identity(path: Path) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def default_threads() -> int:
-    """llama.cpp's usual default (half the CPUs) leaves one of a small machine's two cores idle."""
-    cpus = os.cpu_count() or 1
-    return cpus if cpus <= 4 else cpus // 2
-
-
 def cells_per_request(model: ll.Model) -> int:
     """KV cells a request needs on this model, in whole kilotokens (3072-4096 for SmolLM2, 2048 for Llama-3)."""
     dense = len(model.tokenize(DENSE_TEXT, add_special=False, parse_special=False)) / len(DENSE_TEXT)
@@ -168,9 +167,11 @@ def parallel_for(setting: int | str, n_ctx: int, cells: int) -> int:
     return max(1, min(MAX_AUTO_PARALLEL, n_ctx // cells))
 
 
-def use_mmap(setting: bool | str, path: Path) -> bool:
+def use_mmap(setting: bool | str, path: Path, n_cpu_moe: int = 0) -> bool:
     if setting != "auto":
         return bool(setting)
+    if n_cpu_moe:  # llama.cpp's advice for tensors kept on the CPU: --load-mode none (src/llama-model-loader.cpp)
+        return False
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return path.stat().st_size > ram / 2
 
@@ -187,12 +188,13 @@ def make_context(model: ll.Model, plan: fit.Plan, settings: LlamaCppSettings, pa
 
 
 def load_planned(path: Path, plan: fit.Plan, settings: LlamaCppSettings) -> tuple[ll.Model, ll.Context, fit.Plan, int]:
-    """Load with the plan; when the GPU runs out of memory, retry with fewer layers instead of crashing."""
-    mapped = use_mmap(settings.mmap, path)
+    """Load with the plan; when the GPU runs out of memory, retry with less on it (fit.fewer_layers: more
+    blocks' experts in system RAM, then fewer layers) instead of crashing."""
     while True:
         model = None
         try:
-            model = ll.Model(path, plan.n_gpu_layers, use_mmap=mapped)
+            model = ll.Model(path, plan.n_gpu_layers, mmap=use_mmap(settings.mmap, path, plan.n_cpu_moe),
+                             n_cpu_moe=plan.n_cpu_moe)
             parallel = parallel_for(settings.parallel, plan.n_ctx, cells_per_request(model))
             return model, make_context(model, plan, settings, parallel), plan, parallel
         except ll.LlamaError as e:
@@ -202,8 +204,8 @@ def load_planned(path: Path, plan: fit.Plan, settings: LlamaCppSettings) -> tupl
             if smaller is None:
                 raise BackendError(f"{e}; the file may be corrupt or need a newer llama-cpp-python: "
                                    f"re-download it, or {GET_A_MODEL}") from None
-            log.warning("loading %s with %d GPU layers failed (%s); retrying with %d",
-                        path.name, plan.n_gpu_layers, e, smaller.n_gpu_layers)
+            log.warning("loading %s with %d GPU layers (n_cpu_moe %d) failed (%s); retrying with %d (n_cpu_moe %d)",
+                        path.name, plan.n_gpu_layers, plan.n_cpu_moe, e, smaller.n_gpu_layers, smaller.n_cpu_moe)
             plan = smaller
 
 
@@ -222,6 +224,8 @@ class LlamaCppBackend(Backend):
         self.clock = clock if clock is not None else StepClock()
         try:
             profile = load_profile(path)
+        except UnloadableModelError as e:  # its own line, the same as `download` and `fit` say: not "corrupt"
+            raise BackendError(str(e)) from None
         except (ModelError, OSError) as e:
             raise BackendError(f"cannot read the GGUF metadata of {path} ({e}); the file may be corrupt or "
                                f"truncated: re-download it, or {GET_A_MODEL}") from None
@@ -230,7 +234,8 @@ class LlamaCppBackend(Backend):
                                f"use an Instruct GGUF, or {GET_A_MODEL}")
         plan = fit.plan(profile, vram_bytes=int(settings.vram_gb * 2**30) if settings.vram_gb else None,
                         n_gpu_layers=settings.n_gpu_layers, n_ctx=settings.n_ctx,
-                        kv_cache_type=settings.kv_cache_type, flash_attn=settings.flash_attn)
+                        kv_cache_type=settings.kv_cache_type, flash_attn=settings.flash_attn,
+                        n_cpu_moe=settings.n_cpu_moe)
         started = time.monotonic()
         log.info("llama.cpp %s, build: %s", ll.version(), system_info())  # before the load: a crash names it
         self._file = file_identity(path)
@@ -511,7 +516,8 @@ class LlamaCppBackend(Backend):
         learned = engine.speed.snapshot()["decode_tok_s_by_sequences"]
         # Only a process with layers on the GPU asks it: asking makes a CUDA context, hundreds of MiB of VRAM.
         memory = fit.gpu_memory() if self.plan.n_gpu_layers else None
-        return Gauges(engine.active(), engine.waiting(), learned, self.clock.last_step_age_s(), gpu_memory=memory)
+        return Gauges(engine.active(), engine.waiting(), learned, self.clock.last_step_age_s(), gpu_memory=memory,
+                      prefill_tok_s=round(engine.speed.prefill_tps, 1))
 
     def close(self) -> None:
         with self._calls_done:

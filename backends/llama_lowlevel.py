@@ -3,15 +3,18 @@
 Why not `llama_cpp.Llama`: it cannot set n_seq_max or choose how the KV cache is split between sequences,
 so it decodes one sequence at a time (docs/engine.md, "llama.cpp's multi-sequence API"). These wrappers
 own the C objects, free them once, and turn C return codes into exceptions; nothing here knows about
-requests or scheduling.
+requests or scheduling. Every field of a llama.cpp struct is written through set_fields, which refuses a name
+the struct lacks (ctypes would keep it as a Python attribute that llama.cpp never sees).
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import unicodedata
 from collections import deque
 from pathlib import Path
+from typing import Any, TypeVar
 
 import llama_cpp
 import numpy as np
@@ -23,19 +26,99 @@ KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's defaults: a repeat is counted from the last of these
 ALL_LAYERS = 0x7FFFFFFF  # llama.cpp clamps this to "every layer"
+LOAD_MODES = {True: llama_cpp.LLAMA_LOAD_MODE_MMAP, False: llama_cpp.LLAMA_LOAD_MODE_NONE}  # mapped, or read
+# One block's expert tensors, as llama.cpp's --n-cpu-moe names them (common/common.h: "blk\.%d" followed by
+# LLM_FFN_EXPS_REGEX); a regex that llama.cpp searches for in each tensor's name.
+EXPERTS_OF_BLOCK = r"blk\.{}\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+GGML_LIBRARIES = ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll", "libggml.so", "libggml.dylib", "ggml.dll")
+Struct = TypeVar("Struct", bound=ctypes.Structure)
 
 # llama.cpp logs through llama-cpp-python's logger; below ERROR it is load chatter, not news.
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    """The fields a ctypes struct has: its own, its bases', and those of its anonymous members."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        anonymous = klass.__dict__.get("_anonymous_", ())
+        for name, ctype, *_ in klass.__dict__.get("_fields_", ()):
+            names.add(name)
+            if name in anonymous:
+                names |= _field_names(ctype)
+    return frozenset(names)
+
+
+def set_fields(struct: Struct, **values: Any) -> Struct:
+    """Write fields of a llama.cpp struct; return it. ctypes keeps any other name as a Python attribute that
+    the C side never sees (in 0.3.36 `model_params.use_mmap = False` did nothing: the struct has load_mode),
+    so a name the struct lacks is refused."""
+    names = _field_names(type(struct))
+    if not names.issuperset(values):
+        unknown = ", ".join(repr(name) for name in values if name not in names)
+        raise AttributeError(f"{type(struct).__name__} has no field {unknown} in llama-cpp-python "
+                             f"{llama_cpp.__version__}, so llama.cpp would never see it; its fields: "
+                             f"{', '.join(sorted(names))}")
+    for name, value in values.items():
+        setattr(struct, name, value)
+    return struct
+
+
+class TensorBuftOverride(ctypes.Structure):
+    """struct llama_model_tensor_buft_override (llama.h): tensors whose name the regex is found in get this
+    buffer type (llama-cpp-python types the field that points at an array of them as a void pointer)."""
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+@functools.cache
+def cpu_buffer_type() -> int:
+    """ggml's CPU buffer type, from the ggml library llama_cpp loaded: llama.cpp compares an override's buffer
+    type with this very pointer (and then also considers the CPU's repacking buffer types)."""
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    for name in GGML_LIBRARIES:
+        if (lib_dir / name).exists():
+            lib = ctypes.CDLL(str(lib_dir / name))  # already loaded by llama_cpp: the same singleton
+            if hasattr(lib, "ggml_backend_cpu_buffer_type"):
+                lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+                lib.ggml_backend_cpu_buffer_type.argtypes = []
+                return lib.ggml_backend_cpu_buffer_type()
+    raise LlamaError(f"no ggml library in {lib_dir} exports ggml_backend_cpu_buffer_type: cannot keep tensors in "
+                     f"system RAM with this llama-cpp-python build")
+
+
+def experts_in_ram(n_blocks: int) -> list[bytes]:
+    """llama.cpp's --n-cpu-moe N: one pattern per block i < N, matching that block's expert tensors."""
+    if n_blocks < 0:
+        raise ValueError(f"n_cpu_moe must be 0 or more, got {n_blocks}")
+    return [EXPERTS_OF_BLOCK.format(i).encode() for i in range(n_blocks)]
+
+
+def buft_overrides(patterns: list[bytes], buft: int) -> ctypes.Array:
+    """A NULL-terminated array of overrides, each pattern to buft. It points at the pattern bytes: keep both
+    alive as long as llama.cpp may read them (the model's whole life)."""
+    array = (TensorBuftOverride * (len(patterns) + 1))()  # zeroed: the last entry's NULL pattern ends the list
+    for i, pattern in enumerate(patterns):
+        set_fields(array[i], pattern=pattern, buft=buft)
+    return array
+
+
 class Model:
     """A loaded GGUF model and its vocabulary."""
 
-    def __init__(self, path: Path, n_gpu_layers: int, *, vocab_only: bool = False, use_mmap: bool = True):
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = ALL_LAYERS if n_gpu_layers < 0 else n_gpu_layers
-        params.vocab_only = vocab_only
-        params.use_mmap = use_mmap
+    def __init__(self, path: Path, n_gpu_layers: int, *, vocab_only: bool = False, mmap: bool = True,
+                 n_cpu_moe: int = 0):
+        """mmap: map the file (llama.cpp's load_mode mmap) or read it into memory (none). n_cpu_moe: keep the
+        expert tensors of blocks 0..n_cpu_moe-1 in system RAM, as llama.cpp's --n-cpu-moe (the rest of those
+        blocks goes where n_gpu_layers puts it)."""
+        self.mmap, self.n_cpu_moe = mmap, n_cpu_moe
+        self._patterns = experts_in_ram(n_cpu_moe)
+        self._overrides = buft_overrides(self._patterns, cpu_buffer_type()) if self._patterns else None
+        params = set_fields(llama_cpp.llama_model_default_params(),
+                            n_gpu_layers=ALL_LAYERS if n_gpu_layers < 0 else n_gpu_layers, vocab_only=vocab_only,
+                            load_mode=LOAD_MODES[mmap],
+                            tensor_buft_overrides=ctypes.cast(self._overrides, ctypes.c_void_p).value
+                            if self._overrides is not None else None)
         self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
             raise LlamaError(f"llama.cpp could not load {path}")
@@ -110,6 +193,7 @@ class Model:
         if self.ptr:
             llama_cpp.llama_model_free(self.ptr)
             self.ptr = None
+        self._overrides = self._patterns = None  # llama.cpp no longer reads them
 
 
 class Context:
@@ -123,15 +207,11 @@ class Context:
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_seq_max: int, flash_attn: bool,
                  kv_cache_type: str, n_threads: int, kv_unified: bool = False):
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
-        params.n_seq_max = n_seq_max
-        params.kv_unified = kv_unified
-        params.n_threads = params.n_threads_batch = n_threads
-        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        params.type_k = params.type_v = KV_TYPES[kv_cache_type]
-        params.no_perf = True
+        params = set_fields(llama_cpp.llama_context_default_params(), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                            n_seq_max=n_seq_max, kv_unified=kv_unified, n_threads=n_threads, n_threads_batch=n_threads,
+                            flash_attn_type=(llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED),
+                            type_k=KV_TYPES[kv_cache_type], type_v=KV_TYPES[kv_cache_type], no_perf=True)
         self.model = model
         self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self.ptr:
@@ -199,7 +279,7 @@ class Batch:
 
     def clear(self) -> None:
         self.n = 0
-        self.c.n_tokens = 0
+        set_fields(self.c, n_tokens=0)
 
     def add(self, tokens: list[int], seq: int, start_pos: int, *, logits_last: bool) -> int:
         """Append tokens of sequence seq at positions start_pos...; return the row of the last one."""
@@ -211,7 +291,7 @@ class Batch:
             c.token[i], c.pos[i], c.n_seq_id[i], c.logits[i] = token, start_pos + k, 1, 0
             c.seq_id[i][0] = seq
         self.n += len(tokens)
-        c.n_tokens = self.n
+        set_fields(c, n_tokens=self.n)
         if logits_last:
             c.logits[self.n - 1] = 1
         return self.n - 1
@@ -250,7 +330,8 @@ class SamplerChain:
             steps.append(model.dry_sampler(dry))
             self._candidates = np.empty(model.n_vocab, dtype=TOKEN_DATA)
             self._ids = np.arange(model.n_vocab, dtype=np.int32)
-            self._array = llama_cpp.llama_token_data_array(
+            self._array = set_fields(
+                llama_cpp.llama_token_data_array(),
                 data=self._candidates.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
                 size=model.n_vocab, selected=-1, sorted=False)
         steps.append(llama_cpp.llama_sampler_init_top_p(top_p, 1))
@@ -279,8 +360,7 @@ class SamplerChain:
         candidates["id"] = self._ids
         candidates["logit"] = ctx.logits(row)
         candidates["p"] = 0.0
-        array = self._array
-        array.size, array.selected, array.sorted = len(candidates), -1, False
+        array = set_fields(self._array, size=len(candidates), selected=-1, sorted=False)
         llama_cpp.llama_sampler_apply(self.ptr, ctypes.byref(array))
         return int(candidates["id"][array.selected])
 

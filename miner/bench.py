@@ -47,7 +47,8 @@ import llama_cpp
 from backends import llama_lowlevel as ll
 from backends.base import Dry, Request
 from backends.chain import BackendState, Chain
-from backends.llama_cpp import LlamaCppBackend, LlamaCppSettings, default_threads
+from backends.llama_cpp import LlamaCppBackend, LlamaCppSettings
+from models.host import default_threads
 from backends.llama_process import LlamaCppProcess
 from miner import examples
 from miner.config import GenerationSettings
@@ -460,13 +461,13 @@ def raw_worker(jobs_file: Path) -> int:
         kv = llama_cpp.GGML_TYPE_Q8_0 if load["kv_cache_type"] == "q8_0" else None
         llm = llama_cpp.Llama(model_path=load["model_path"], n_gpu_layers=load["n_gpu_layers"], n_ctx=load["n_ctx"],
                               flash_attn=load["flash_attn"], n_threads=load["n_threads"], type_k=kv, type_v=kv,
-                              verbose=False)
+                              use_mmap=load["mmap"], verbose=False)
         try:
             for run in jobs["runs"]:
                 emit("run", raw_run(llm, run["messages"], run["max_tokens"], run["seed"]))
         finally:
             llm.close()
-    model = ll.Model(Path(load["model_path"]), load["n_gpu_layers"])
+    model = ll.Model(Path(load["model_path"]), load["n_gpu_layers"], mmap=load["mmap"], n_cpu_moe=load["n_cpu_moe"])
     try:
         for row in jobs["same_work"]:
             emit("same_work", same_work_loop(model, load, row["work"], row["at_once"], jobs["kv_unified"]))
@@ -485,7 +486,8 @@ def raw_llama_cpp(backend: LlamaCppBackend, n_threads: int, jobs: dict, rows: Ro
     memory at a time, as on a 6 GB card) and add each result's row as it arrives, with its ratio."""
     plan = backend.plan  # the miner's own plan: the same layers, context and cache type
     load = {"model_path": str(backend.path), "n_gpu_layers": plan.n_gpu_layers, "n_ctx": plan.n_ctx,
-            "flash_attn": plan.flash_attn, "n_threads": n_threads, "kv_cache_type": plan.kv_cache_type}
+            "flash_attn": plan.flash_attn, "n_threads": n_threads, "kv_cache_type": plan.kv_cache_type,
+            "n_cpu_moe": plan.n_cpu_moe, "mmap": backend.model.mmap}  # the free-text runs keep experts in place
     mine = {r["task"]: r for r in rows.sections.get("task", []) if r["path"] == IN_PROCESS}
     runs_left = list(jobs["runs"])
     by_task: dict[str, list] = {}
@@ -533,6 +535,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="GGUF file (default: the embedded demo model)")
     parser.add_argument("--n-gpu-layers", default="auto", help="auto, -1, or a count")
     parser.add_argument("--vram-gb", type=float, help="plan offload for this much VRAM (default: what is free)")
+    parser.add_argument("--n-cpu-moe", default="auto", help="MoE: keep the experts of the first N blocks in system "
+                        "RAM, as llama.cpp's --n-cpu-moe (the bare loops too, not raw free text); auto: the plan's")
     parser.add_argument("--n-ctx", default="16384", help="KV cache tokens, shared by the sequences (default: 16384)")
     parser.add_argument("--parallel", default="4", help="requests decoding together: a count, or auto (the plan's)")
     parser.add_argument("--n-threads", type=int)
@@ -565,7 +569,7 @@ def command(args: argparse.Namespace) -> int:
     as_int = lambda v: v if v == "auto" else int(v)  # noqa: E731
     settings = LlamaCppSettings(type="llama_cpp", name="bench", model_path=args.model, n_threads=args.n_threads,
                                 n_gpu_layers=as_int(args.n_gpu_layers), n_ctx=as_int(args.n_ctx),
-                                vram_gb=args.vram_gb, parallel=as_int(args.parallel))
+                                vram_gb=args.vram_gb, parallel=as_int(args.parallel), n_cpu_moe=as_int(args.n_cpu_moe))
     rows = Rows(args.json, args.rows)
     gpu_before = gpu_used_mib()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -576,6 +580,7 @@ def command(args: argparse.Namespace) -> int:
     info = backend.info()
     n_threads = settings.n_threads or default_threads()
     rows.add("setup", {"model": info.name, **info.parameters, "kv_unified": backend.ctx.kv_unified,
+                       "n_cpu_moe": backend.plan.n_cpu_moe, "mmap": backend.model.mmap,
                        "load_seconds": round(load_s, 2),
                        "rss_added_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) // 1024,
                        "vram_added_mib": gpu_after - gpu_before if gpu_after is not None else None,

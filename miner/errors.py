@@ -7,6 +7,7 @@ models/ and backends/ need nothing of the miner; this module holds the miner's o
     ├── ConfigError                  the YAML or a flag cannot be used: names the file, key and fix
     ├── ModelError                   a model file cannot be had or made
     │   ├── UnknownModelError            not in the catalog
+    │   ├── UnloadableModelError         a GGUF layout or architecture this llama.cpp cannot load
     │   ├── EmbeddedModelMissing         the demo model's package is not installed
     │   ├── DownloadError                (GatedRepoAccessError, NotEnoughDiskError, ChecksumMismatchError,
     │   │                                 DownloadInterruptedError)
@@ -31,13 +32,14 @@ from backends.errors import (AllBackendsFailed, AnswerRejected, BackendBusy, Bac
                              DoesNotFit, LlamaError, NoKvRoom)
 from models.errors import (ChecksumMismatchError, ConfigError, ConversionError, DownloadError,
                            DownloadInterruptedError, EmbeddedModelMissing, GatedRepoAccessError, MinerError,
-                           ModelError, NotEnoughDiskError, QuantizeError, SourceError, UnknownModelError)
+                           ModelError, NotEnoughDiskError, QuantizeError, SourceError, UnknownModelError,
+                           UnloadableModelError)
 
 __all__ = ["AllBackendsFailed", "AnswerRejected", "BackendBusy", "BackendError", "ChecksumMismatchError",
            "ConfigError", "ContractError", "ConversionError", "DeadlineExceeded", "DoesNotFit", "DownloadError",
            "DownloadInterruptedError", "EmbeddedModelMissing", "GatedRepoAccessError", "LlamaError", "MinerError",
            "ModelError", "NoKvRoom", "NotEnoughDiskError", "QuantizeError", "SourceError", "StartupError",
-           "TaskInputError", "UnknownModelError"]
+           "TaskInputError", "UnknownModelError", "UnloadableModelError"]
 
 
 class StartupError(MinerError):

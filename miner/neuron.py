@@ -23,7 +23,7 @@ from typing import Iterator
 import bittensor as bt
 from bittensor_wallet import Wallet
 
-from miner import __version__, earnings, reachability
+from miner import __version__, earnings, reachability, verdict
 from miner.activity import Activity
 from miner.config import Config
 from miner.errors import StartupError
@@ -236,6 +236,9 @@ class Miner:
         self.health.start()
         log.info("axon serving StoryGenerationSynapse on %s:%d (%s)", axon.fast_server.config.host, a.port,
                  "offline, allowlist only" if self.offline else f"netuid {self.config.netuid}")
+        if (report := verdict.start_report(self.service.chain.backends, self.service.settings)) is not None:
+            text, too_slow = report
+            log.log(logging.WARNING if too_slow else logging.INFO, "%s", text)
         return axon
 
     @staticmethod
@@ -262,7 +265,9 @@ class Miner:
 
     def checks(self) -> tuple[Check, ...]:
         """The protocol validators send and their refused requests; chain mode adds reachability."""
-        return self.activity.checks() + (() if self.offline else self.reach_checks())
+        answer_time = verdict.check(self.service.chain.backends, self.service.settings)
+        return (self.activity.checks() + ((answer_time,) if answer_time else ())
+                + (() if self.offline else self.reach_checks()))
 
     def sections(self) -> dict[str, object]:
         return {"earnings": self.earnings.to_json() if self.earnings else None, "recent": self.activity.recent()}

@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import ModelError, UnknownModelError
-from models.gguf_header import read_header
+from models.errors import ModelError, UnknownModelError, UnloadableModelError
+from models.gguf_header import Header, read_header
+from models.loadable import why_unloadable
 
 GB = 10**9  # the hub shows decimal gigabytes
 
@@ -42,7 +43,6 @@ class Quant:
     files: tuple[str, ...]    # every part of a split GGUF, first part first
     total_bytes: int          # all parts together
     size_source: str          # where total_bytes comes from; "estimate" = not confirmed on the hub
-    legacy_moe_mix: bool = False  # quantized before llama.cpp gave MoE ffn_down more bits (Jan 2024)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class ModelEntry:
 _LLAMA_8B = "bartowski/Meta-Llama-3.1-8B-Instruct-GGUF"
 _LLAMA_70B = "bartowski/Meta-Llama-3.1-70B-Instruct-GGUF"
 _QWEN_7B = "Qwen/Qwen2.5-7B-Instruct-GGUF"
-_MIXTRAL = "TheBloke/Mixtral-8x7B-Instruct-v0.1-GGUF"
+_MIXTRAL = "mradermacher/Mixtral-8x7B-Instruct-v0.1-GGUF"
 
 MODELS: dict[str, ModelEntry] = {m.name: m for m in (
     ModelEntry(
@@ -108,12 +108,15 @@ MODELS: dict[str, ModelEntry] = {m.name: m for m in (
         "mistralai/Mixtral-8x7B-Instruct-v0.1", True, "apache-2.0",
         Shape(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, head_dim=128, n_vocab=32000,
               n_ff=14336, context_length=32768, n_expert=8, n_expert_used=2),
-        # TheBloke's files were made in Dec 2023 (llama.cpp 8a7b2fa); the README lists both at 26.44 GB.
-        (Quant("Q4_K_M", _MIXTRAL, ("mixtral-8x7b-instruct-v0.1.Q4_K_M.gguf",), int(26.44 * GB),
-               "repo README table, rounded to 0.01 GB", legacy_moe_mix=True),
-         Quant("Q4_0", _MIXTRAL, ("mixtral-8x7b-instruct-v0.1.Q4_0.gguf",), int(26.44 * GB),
-               "repo README table, rounded to 0.01 GB", legacy_moe_mix=True))),
-)}
+        # Not TheBloke's (Dec 2023): they store one tensor per expert, which this llama.cpp cannot load
+        # (models/loadable.py). mradermacher's names follow its Q2_K file (linked in an issue); its Q4_K_M was
+        # not seen, so its size is that of two later conversions of these shapes on the hub (mradermacher's
+        # Mixtral-8x7B-v0.1 Q4_K_M, gobean's Instruct q4-k-m: 28.4 GB each). mradermacher makes no Q4_0: it comes
+        # from gobean's repo, its page seen at 26.4 GB. download reads each file's header before fetching it.
+        (Quant("Q4_K_M", _MIXTRAL, ("Mixtral-8x7B-Instruct-v0.1.Q4_K_M.gguf",), int(28.4 * GB),
+               "hub file pages of the same shapes, rounded to 0.1 GB"),
+         Quant("Q4_0", "gobean/Mixtral-8x7B-Instruct-v0.1-GGUF", ("Mixtral-8x7B-Instruct-v0.1-q4-0.gguf",),
+               int(26.4 * GB), "hub file page, rounded to 0.1 GB"))))}
 
 
 def get(name: str) -> ModelEntry:
@@ -157,7 +160,7 @@ class Layout:
         return self.input_bytes + sum(self.block_bytes) + self.output_bytes
 
 
-def estimate_layout(shape: Shape, quant: str, *, legacy_moe_mix: bool = False) -> Layout:
+def estimate_layout(shape: Shape, quant: str) -> Layout:
     """The tensor bytes llama-quantize would write for `quant` (metadata excluded, < 0.2%)."""
     base, out_type, bumped = MIXES[quant.upper()]
     s = shape
@@ -169,7 +172,7 @@ def estimate_layout(shape: Shape, quant: str, *, legacy_moe_mix: bool = False) -
         more = bumped is not None and more_bits(i, s.n_layer)
         # llama.cpp keeps attn_v of 8-expert models at Q8_0 ("trades just ~128MB")
         v_type = "Q8_0" if s.n_expert == 8 else (bumped if more else base)
-        down_type = bumped if more and not (s.n_expert and legacy_moe_mix) else base
+        down_type = bumped if more else base
         ffn = s.n_embd * s.n_ff * experts
         b_experts = tensor_bytes(2 * ffn, base) + tensor_bytes(ffn, down_type)
         b = (tensor_bytes(s.n_embd * (2 * q_dim + kv_dim), base) + tensor_bytes(s.n_embd * kv_dim, v_type)
@@ -188,7 +191,7 @@ def estimate_layout(shape: Shape, quant: str, *, legacy_moe_mix: bool = False) -
 # ---- profiles: what VRAM planning needs to know about one model ------------------------------------
 
 _BLOCK = re.compile(r"blk\.(\d+)\.")
-_EXPERT = re.compile(r"ffn_(gate|up|down)(_exps|\.\d+)\.")  # merged (current) or per-expert (2023) names
+_EXPERT = re.compile(r"ffn_(gate|up|down)_exps\.")  # one tensor per expert is refused first (models/loadable.py)
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,7 @@ def load_profile(model: str | Path, quant: str = "Q4_K_M") -> Profile:
         q, s = entry.quant(quant), entry.shape
         return Profile(f"{entry.name} {q.quant} (catalog shapes)", s.n_layer, s.context_length, s.n_head,
                        s.n_head_kv, s.head_dim, s.head_dim, s.n_vocab,
-                       estimate_layout(s, q.quant, legacy_moe_mix=q.legacy_moe_mix),
+                       estimate_layout(s, q.quant),
                        s.n_expert, s.n_expert_used)
     raise ModelError(f"{model}: no such GGUF file and not a catalog name ({', '.join(MODELS)}); "
                             "download one with: .venv/bin/storynet-miner download NAME")
@@ -242,18 +245,20 @@ def _profile_from_gguf(path: Path) -> Profile:
     except ValueError as e:  # not GGUF, or cut short
         raise ModelError(f"{path}: not a readable GGUF file ({e}); it may be corrupt or half-downloaded: "
                          f"download it again") from None
+    tensors = [t for h in headers for t in h.tensors]
+    if reason := why_unloadable(Header(headers[0].metadata, tuple(tensors)), str(path)):
+        raise UnloadableModelError(reason)
     fields = headers[0].metadata
     meta = fields.get
 
     arch = meta("general.architecture")
-    if arch is None or f"{arch}.block_count" not in fields:
-        raise ModelError(f"{path}: no general.architecture / block_count metadata; is it a llama.cpp GGUF?")
+    if f"{arch}.block_count" not in fields:
+        raise ModelError(f"{path}: no {arch}.block_count metadata; is it a llama.cpp GGUF?")
     n_layer, n_embd = int(meta(f"{arch}.block_count")), int(meta(f"{arch}.embedding_length"))
     n_head = int(meta(f"{arch}.attention.head_count"))
     n_head_kv = meta(f"{arch}.attention.head_count_kv", n_head)
     n_head_kv = max(n_head_kv) if isinstance(n_head_kv, list) else int(n_head_kv)  # per layer: the widest
     key_len = int(meta(f"{arch}.attention.key_length", n_embd // n_head))
-    tensors = [t for h in headers for t in h.tensors]
     embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
     n_vocab = meta(f"{arch}.vocab_size") or (int(embd.shape[-1]) if embd is not None else
                                              len(fields["tokenizer.ggml.tokens"]))

@@ -10,7 +10,8 @@ Each file is fetched with huggingface_hub's own client (metadata HEAD, auth head
 in-run retries with Range) into `<dir>/<file>.<sha-prefix>.part`, checked against the SHA-256 the hub
 publishes for LFS files, then renamed into place. huggingface_hub 2.x's `hf_hub_download` deletes its
 temporary file when a run fails, so a 40 GB download interrupted at 39 GB would start over; keeping
-our own `.part` file lets the next run continue where the last one stopped.
+our own `.part` file lets the next run continue where the last one stopped. Before any of that, the first
+part's GGUF header is read with ranged GETs, and a file this llama.cpp cannot load is refused, not fetched.
 """
 from __future__ import annotations
 
@@ -34,15 +35,22 @@ from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryNotFoundError,
                                     RevisionNotFoundError)
 from huggingface_hub.file_download import http_get
-from huggingface_hub.utils import build_hf_headers
+from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
 
 from models.errors import (ChecksumMismatchError, ConfigError, DownloadError, DownloadInterruptedError,
-                          GatedRepoAccessError, NotEnoughDiskError)
+                          GatedRepoAccessError, NotEnoughDiskError, UnloadableModelError)
 from models import catalog, default_models_dir
 from models.catalog import Quant
+from models.gguf_header import Header, NeedMoreBytes, parse_header
+from models.loadable import why_unloadable
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PLAIN_YAML = re.compile(r"[A-Za-z0-9_./-]+")
+# A GGUF header is mostly the vocabulary: about 0.5 MB for 32k tokens, several MB for Llama-3's 128k.
+HEADER_FIRST_BYTES = 1 << 20
+HEADER_MAX_BYTES = 64 << 20
+_OUT_OF_DATE = ("the catalog entry may be out of date: compare with https://huggingface.co/{repo} and fix "
+                "models/catalog.py")
 Log = Callable[[str], None]
 
 
@@ -102,6 +110,47 @@ def remote_file(repo: str, filename: str, *, revision: str = "main", token: str 
     sha = meta.etag if meta.etag and _SHA256.fullmatch(meta.etag) else None
     on_hub = urlparse(meta.location).netloc == urlparse(url).netloc
     return RemoteFile(repo, filename, meta.location, meta.size, sha, meta.commit_hash, on_hub)
+
+
+def _first_bytes(r: RemoteFile, n: int, token: str | None) -> bytes:
+    """The first n bytes of the file, through huggingface_hub's client (retries, auth headers, proxies)."""
+    headers = {**(build_hf_headers(token=token) if r.send_token else {}), "Range": f"bytes=0-{n - 1}"}
+    data = bytearray()
+    try:
+        with http_stream_backoff("GET", r.url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as got:
+            hf_raise_for_status(got)
+            for chunk in got.iter_bytes():
+                data += chunk
+                if len(data) >= n:  # a server that ignores Range sends the whole file: stop reading
+                    break
+    except HfHubHTTPError as err:
+        raise _hub_error(err, r.repo, r.filename, r.commit) from None
+    except httpx2.TransportError as err:
+        raise DownloadError(f"{r.repo}/{r.filename}: reading its header failed ({err}); check the network and "
+                            "run again") from None
+    return bytes(data[:n])
+
+
+def remote_header(r: RemoteFile, token: str | None = None) -> Header:
+    """The file's GGUF header, read with ranged GETs from its start, each twice as long as the last."""
+    n = HEADER_FIRST_BYTES
+    while True:
+        data = _first_bytes(r, min(n, r.size), token)
+        try:
+            return parse_header(data, f"{r.repo}/{r.filename}")
+        except NeedMoreBytes:
+            if len(data) >= r.size or n >= HEADER_MAX_BYTES:
+                raise DownloadError(f"{r.repo}/{r.filename}: no whole GGUF header in its first {_gb(len(data))}; "
+                                    f"{_OUT_OF_DATE.format(repo=r.repo)}") from None
+            n *= 2
+        except ValueError as e:
+            raise DownloadError(f"{e}; {_OUT_OF_DATE.format(repo=r.repo)}") from None
+
+
+def check_loadable(r: RemoteFile, token: str | None = None) -> None:
+    """UnloadableModelError, before a byte is written, when this llama.cpp could not load the file."""
+    if reason := why_unloadable(remote_header(r, token), f"{r.repo}/{r.filename}"):
+        raise UnloadableModelError(reason)
 
 
 def _done(r: RemoteFile, dest: Path) -> bool:
@@ -204,9 +253,11 @@ def download_quant(quant: Quant, dest_dir: str | Path, *, revision: str = "main"
     """Download every part of `quant` into dest_dir; returns the paths, first part first."""
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    # all metadata first: a gated repo or a missing file fails before any byte is written
+    # all metadata first: a gated repo, a missing file or one llama.cpp cannot load fails before any byte is written
     files = [remote_file(quant.repo, fn, revision=revision, token=token, endpoint=endpoint)
              for fn in quant.files]
+    if not all(_done(r, dest) for r in files):
+        check_loadable(files[0], token)  # the first part holds the metadata and the first blocks' tensors
     check_disk(dest, files)
     return [_fetch(r, dest, token, log) for r in files]
 

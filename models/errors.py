@@ -26,6 +26,11 @@ class EmbeddedModelMissing(ModelError):
     """The package that carries the embedded demo model is not installed."""
 
 
+class UnloadableModelError(ModelError):
+    """A GGUF file the pinned llama.cpp cannot load (its layout or architecture), found from its header: by
+    `download` before fetching it, and by `fit` and the llama_cpp backend before loading it."""
+
+
 class DownloadError(ModelError):
     """A download failed; the message says why and what to run."""
 

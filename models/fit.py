@@ -11,7 +11,6 @@ import argparse
 import ctypes
 import dataclasses
 import importlib.util
-import json
 import math
 import shutil
 import subprocess
@@ -31,9 +30,9 @@ MARGIN_SHARE, MARGIN_MIN = 0.05, 256 * MiB  # repeated loads in docs/measurement
 CTX_CAP_GPU = 16384          # beyond this a story miner's KV cache only costs memory
 CTX_CPU = 8192               # CPU-only default context
 CTX_STEP = 1024
-# system-RAM read rate seen in docs/measurements.md's partial-offload rows (28/33: 45 tok/s, 20/33: 20.5 tok/s,
-# 16-core server); decode with CPU layers is bound by reading their weights once per token.
-CPU_READ_BYTES_PER_S = 45e9
+# A dual-channel DDR4 desktop's RAM read rate, to put the CPU side's bound in figures (`fit` measures the
+# host's own: models/host.py); decode with weights in RAM is bound by reading them once per token.
+EXAMPLE_RAM = ("a dual-channel DDR4 desktop", 20e9)
 # A desktop session on the same card (display server, compositor, browser) commonly holds 0.3-1 GiB of it.
 DESKTOP_SHARE = 512 * MiB
 # A common 6 GB card's memory bandwidth (RTX 2060 and RTX 3060 Laptop: 336 GB/s), to put the bound in figures.
@@ -56,11 +55,17 @@ class Plan:
     breakdown: tuple[tuple[str, int], ...] = ()
     budget_source: str = ""
     profile: Profile | None = field(default=None, repr=False, compare=False)
+    n_cpu_moe: int = 0       # MoE: the expert tensors of blocks 0..n_cpu_moe-1 stay in system RAM
 
     def table(self) -> str:
-        rows = [("model", self.model), ("n_gpu_layers", _layers_text(self)),
-                ("n_ctx", str(self.n_ctx)), ("kv_cache_type", self.kv_cache_type),
-                ("flash_attn", "on" if self.flash_attn else "off")]
+        rows = [("model", self.model), ("n_gpu_layers", _layers_text(self))]
+        if self.profile is not None and self.profile.n_expert and self.vram_budget_bytes is not None:
+            rows.append(("n_cpu_moe", _experts_text(self)))
+        rows += [("n_ctx", str(self.n_ctx)), ("kv_cache_type", self.kv_cache_type),
+                 ("flash_attn", "on" if self.flash_attn else "off")]
+        if self.profile is not None:
+            ram, vram = reads_per_token(self.profile, self.n_gpu_layers, self.n_cpu_moe)
+            rows.append(("read per token", f"{ram / GiB:.2f} GiB from system RAM, {vram / GiB:.2f} GiB from VRAM"))
         rows += [(f"  {label}", f"{b / MiB:,.0f} MiB") for label, b in self.breakdown]
         if self.vram_budget_bytes is None:
             rows.append(("VRAM budget", "none: no GPU offload"))
@@ -75,7 +80,9 @@ class Plan:
         return "\n".join(lines + [f"{k:<{width}}  {v}" for k, v in rows])
 
     def to_json(self) -> dict:
-        return {"model": self.model, "n_gpu_layers": self.n_gpu_layers, "n_ctx": self.n_ctx,
+        ram, vram = reads_per_token(self.profile, self.n_gpu_layers, self.n_cpu_moe) if self.profile else (0, 0)
+        return {"model": self.model, "n_gpu_layers": self.n_gpu_layers, "n_cpu_moe": self.n_cpu_moe,
+                "ram_bytes_per_token": ram, "vram_bytes_per_token": vram, "n_ctx": self.n_ctx,
                 "kv_cache_type": self.kv_cache_type, "flash_attn": self.flash_attn,
                 "vram_budget_bytes": self.vram_budget_bytes,
                 "estimated_vram_bytes": self.estimated_vram_bytes,
@@ -91,6 +98,15 @@ def _layers_text(p: Plan) -> str:
     return f"{n} of {total}: blocks {p.n_layer - n}-{p.n_layer - 1} on the GPU, the rest on the CPU"
 
 
+def _experts_text(p: Plan) -> str:
+    n, total = p.n_cpu_moe, p.n_layer
+    if n == 0:
+        return "0: every block's experts on the GPU with it"
+    on_gpu = range(max(n, p.n_layer - min(p.n_gpu_layers, p.n_layer)), total)
+    rest = f", blocks {on_gpu.start}-{total - 1} on the GPU" if len(on_gpu) else ""
+    return f"{n}: the experts of blocks 0-{n - 1} in system RAM{rest}"
+
+
 def _llama_cpp():
     """Import llama_cpp before anything imports numpy: the other order made CUDA loads segfault (docs/measurements.md)."""
     try:
@@ -102,12 +118,25 @@ def _llama_cpp():
 
 # ---- the estimate -----------------------------------------------------------------------------------
 
+def _gpu_blocks(p: Profile, n_gpu_layers: int) -> range:
+    """llama.cpp puts the last n blocks, then the output layer, on the GPU."""
+    return range(p.n_layer - min(n_gpu_layers, p.n_layer), p.n_layer)
+
+
+def _experts_in_ram(p: Profile, n_gpu_layers: int, n_cpu_moe: int) -> range:
+    """The GPU blocks whose expert tensors n_cpu_moe keeps in system RAM."""
+    gpu = _gpu_blocks(p, n_gpu_layers)
+    return range(gpu.start, max(gpu.start, min(n_cpu_moe, p.n_layer)))
+
+
 def estimate(p: Profile, n_gpu_layers: int, n_ctx: int, kv_cache_type: str,
-             flash_attn: bool) -> dict[str, int]:
-    """VRAM by purpose for one setting (llama.cpp puts the last n blocks, then the output, on the GPU)."""
-    blocks = min(n_gpu_layers, p.n_layer)
+             flash_attn: bool, n_cpu_moe: int = 0) -> dict[str, int]:
+    """VRAM by purpose for one setting."""
+    blocks = len(_gpu_blocks(p, n_gpu_layers))
     output_on_gpu = n_gpu_layers > p.n_layer
-    weights = sum(p.layout.block_bytes[p.n_layer - blocks:]) + (p.layout.output_bytes if output_on_gpu else 0)
+    weights = (sum(p.layout.block_bytes[i] for i in _gpu_blocks(p, n_gpu_layers))
+               - sum(p.layout.expert_bytes[i] for i in _experts_in_ram(p, n_gpu_layers, n_cpu_moe))
+               + (p.layout.output_bytes if output_on_gpu else 0))
     kv = blocks * n_ctx * p.n_head_kv * (p.head_dim_k + p.head_dim_v) * KV_ELEMENT_BYTES[kv_cache_type]
     logits = N_UBATCH * p.n_vocab * 4
     # with the output layer on the CPU, docs/measurements.md shows one more logits-sized buffer (+240 MiB for 8B):
@@ -130,8 +159,32 @@ def _two_figures(x: float) -> str:
     return f"{round(x, 1 - math.floor(math.log10(x))):,.0f}"
 
 
-def _speed_note(p: Profile, n: int) -> str:
-    if n > p.n_layer:
+def ram_resident_bytes(p: Profile, n_gpu_layers: int, n_cpu_moe: int = 0) -> int:
+    """Bytes of the blocks and output layer left in system RAM (token embeddings, only looked up, not counted)."""
+    on_gpu = estimate(p, n_gpu_layers, CTX_STEP, "f16", True, n_cpu_moe)["weights on GPU"]
+    return sum(p.layout.block_bytes) + p.layout.output_bytes - on_gpu
+
+
+def reads_per_token(p: Profile, n_gpu_layers: int, n_cpu_moe: int = 0) -> tuple[int, int]:
+    """(bytes from system RAM, bytes from VRAM) one decoded token reads: every dense weight once, and of a MoE
+    layer's experts only the share the router picks (two of eight for Mixtral)."""
+    share = p.n_expert_used / p.n_expert if p.n_expert else 1.0
+    gpu, moved = _gpu_blocks(p, n_gpu_layers), _experts_in_ram(p, n_gpu_layers, n_cpu_moe)
+    ram = vram = 0.0
+    for i in range(p.n_layer):
+        experts = p.layout.expert_bytes[i]
+        dense = p.layout.block_bytes[i] - experts
+        if i not in gpu:
+            ram += dense + experts * share
+        else:
+            vram += dense
+            ram, vram = (ram + experts * share, vram) if i in moved else (ram, vram + experts * share)
+    ram, vram = (ram, vram + p.layout.output_bytes) if n_gpu_layers > p.n_layer else (ram + p.layout.output_bytes, vram)
+    return int(ram), int(vram)
+
+
+def _speed_note(p: Profile, n: int, n_cpu_moe: int = 0) -> str:
+    if n > p.n_layer and not _experts_in_ram(p, n, n_cpu_moe):
         # every token reads all the weights from VRAM once, so memory bandwidth bounds decode
         weights = sum(p.layout.block_bytes) + p.layout.output_bytes
         card, bandwidth = EXAMPLE_CARD
@@ -140,28 +193,28 @@ def _speed_note(p: Profile, n: int) -> str:
                 f"({card}: {bandwidth / 1e9:.0f} GB/s, at most {_two_figures(bandwidth / weights)} tok/s), less in "
                 "practice; not measured on a 6 GB card yet (docs/measurements.md: 229 tok/s on an H100, ~225 on an H200, "
                 "cards with 10 to 14 times the bandwidth of an RTX 2060)")
-    cpu_blocks = range(p.n_layer - min(n, p.n_layer))
-    share = p.n_expert_used / p.n_expert if p.n_expert else 1.0  # MoE: only the chosen experts are read
-    per_token = p.layout.output_bytes + sum(
-        p.layout.block_bytes[i] - p.layout.expert_bytes[i] * (1 - share) for i in cpu_blocks)
-    return (f"{p.n_layer + 1 - n} of {p.n_layer + 1} layers stay on the CPU: {per_token / GiB:.1f} GiB of "
-            f"weights are read from system RAM for every token, so decode tops out near "
-            f"{_two_figures(CPU_READ_BYTES_PER_S / per_token)} tok/s on a fast 16-core host and about half that on "
-            "a dual-channel desktop (docs/measurements.md, an H100 host: 8B with 28 of 33 layers 45 tok/s, all 33 "
-            "229 tok/s)")
+    ram, _ = reads_per_token(p, n, n_cpu_moe)
+    where = (f"the experts of {len(_experts_in_ram(p, n, n_cpu_moe))} blocks stay in system RAM" if n > p.n_layer
+             else f"{p.n_layer + 1 - n} of {p.n_layer + 1} layers stay on the CPU")
+    host, rate = EXAMPLE_RAM
+    return (f"{where}: {ram / GiB:.1f} GiB of weights are read from system RAM for every token, so decode tops "
+            f"out near {_two_figures(10e9 / ram)} tok/s per 10 GB/s the host reads ({host}: {rate / 1e9:.0f} GB/s, at "
+            f"most {_two_figures(rate / ram)} tok/s; `storynet-miner fit` measures this host and times each task's "
+            "answer; docs/measurements.md, an H100 host: 8B with 28 of 33 layers 45 tok/s, all 33 229 tok/s)")
 
 
 def _make_plan(p: Profile, n: int, n_ctx: int, kv: str, fa: bool, budget: int | None, source: str,
-               notes: list[str]) -> Plan:
-    parts = estimate(p, n, n_ctx, kv, fa) if budget is not None else {}
-    notes = notes + ([_speed_note(p, n)] if budget is not None else [])
+               notes: list[str], n_cpu_moe: int = 0) -> Plan:
+    parts = estimate(p, n, n_ctx, kv, fa, n_cpu_moe) if budget is not None else {}
+    notes = notes + ([_speed_note(p, n, n_cpu_moe)] if budget is not None else [])
     return Plan(n, n_ctx, kv, fa, budget, sum(parts.values()), notes, p.name, p.n_layer,
-                tuple(parts.items()), source, p)
+                tuple(parts.items()), source, p, n_cpu_moe)
 
 
 # ---- planning -----------------------------------------------------------------------------------------
 
-_SETTINGS = {"n_gpu_layers": int, "n_ctx": int, "kv_cache_type": ("f16", "q8_0"), "flash_attn": bool}
+_SETTINGS = {"n_gpu_layers": int, "n_ctx": int, "kv_cache_type": ("f16", "q8_0"), "flash_attn": bool,
+             "n_cpu_moe": int}
 
 
 def _check(name: str, value: object) -> None:
@@ -181,35 +234,49 @@ def _ctx_options(p: Profile, n_ctx: int | str, min_ctx: int, gpu: bool) -> list[
     return [top] + [c for c in range(top - top % CTX_STEP, min_ctx - 1, -CTX_STEP) if c < top]
 
 
-def _candidates(p: Profile, layers: list[int], n_ctx: int | str, min_ctx: int, kv: str, fa: bool | str):
-    """Settings from most to least wanted: more layers, then more context, then f16 over q8_0."""
-    for n in layers:
+def _candidates(p: Profile, layers: list[tuple[int, int]], n_ctx: int | str, min_ctx: int, kv: str, fa: bool | str):
+    """Settings from most to least wanted: the (layers, n_cpu_moe) pairs in their order, then more context,
+    then f16 over q8_0."""
+    for n, moe in layers:
         for c in _ctx_options(p, n_ctx, min_ctx, gpu=n > 0):
             # FA: much faster prefill on CUDA (docs/measurements.md); a q8_0 V cache cannot work without it.
             use_fa = fa if fa != "auto" else (n > 0 or kv == "q8_0")
             for k in ([kv] if kv != "auto" else ["f16", "q8_0"] if use_fa else ["f16"]):
-                yield n, c, k, use_fa
+                yield n, c, k, use_fa, moe
+
+
+def _layer_options(p: Profile, n_gpu_layers: int | str, n_cpu_moe: int | str) -> list[tuple[int, int]]:
+    """(GPU layers, n_cpu_moe) from most to least wanted. A MoE model keeps every layer on the GPU and moves
+    experts, the first blocks' first, to system RAM, as llama.cpp's users do (--n-cpu-moe): attention and the
+    KV cache stay on the card, and a token reads only the experts its router picks. Only when not even that
+    fits do whole layers leave the GPU."""
+    all_layers = p.n_layer + 1
+    layers = ([all_layers if n_gpu_layers < 0 else min(n_gpu_layers, all_layers)] if n_gpu_layers != "auto"
+              else list(range(all_layers, -1, -1)))
+    if not p.n_expert:
+        return [(n, 0) for n in layers]
+    if n_cpu_moe != "auto":
+        return [(n, min(int(n_cpu_moe), p.n_layer)) for n in layers]
+    return [(layers[0], m) for m in range(p.n_layer + 1)] + [(n, 0) for n in layers[1:]]
 
 
 def plan_profile(p: Profile, vram_bytes: int | None, budget_source: str = "", *,
                  n_gpu_layers: int | str = "auto", n_ctx: int | str = "auto", kv_cache_type: str = "auto",
-                 flash_attn: bool | str = "auto", min_ctx: int = 4096) -> Plan:
+                 flash_attn: bool | str = "auto", min_ctx: int = 4096, n_cpu_moe: int | str = "auto") -> Plan:
     """Plan with a known budget; vram_bytes None = CPU only, budget_source then says why."""
     for name, value in (("n_gpu_layers", n_gpu_layers), ("n_ctx", n_ctx), ("kv_cache_type", kv_cache_type),
-                        ("flash_attn", flash_attn)):
+                        ("flash_attn", flash_attn), ("n_cpu_moe", n_cpu_moe)):
         _check(name, value)
     if kv_cache_type == "q8_0" and flash_attn is False:
         raise ConfigError("kv_cache_type q8_0 needs flash_attn (llama.cpp quantizes the V cache only "
                          "with it): set flash_attn: true or kv_cache_type: f16")
     if vram_bytes is None:
-        _, ctx, kv, fa = next(_candidates(p, [0], n_ctx, min_ctx, kv_cache_type, flash_attn))
+        _, ctx, kv, fa, _ = next(_candidates(p, [(0, 0)], n_ctx, min_ctx, kv_cache_type, flash_attn))
         ignored = ([f"n_gpu_layers {n_gpu_layers} ignored: nothing to offload to"]
                    if n_gpu_layers not in ("auto", 0) else [])
         return _make_plan(p, 0, ctx, kv, fa, None, "",
                           [budget_source or "CPU only: no GPU offload in this llama.cpp build", *ignored])
-    all_layers = p.n_layer + 1
-    layers = ([all_layers if n_gpu_layers < 0 else min(n_gpu_layers, all_layers)] if n_gpu_layers != "auto"
-              else list(range(all_layers, -1, -1)))
+    layers = _layer_options(p, n_gpu_layers, n_cpu_moe)
     cands = list(_candidates(p, layers, n_ctx, min_ctx, kv_cache_type, flash_attn))
     usable = _usable(vram_bytes)
     chosen = next((c for c in cands if sum(estimate(p, *c).values()) <= usable), None)
@@ -218,16 +285,18 @@ def plan_profile(p: Profile, vram_bytes: int | None, budget_source: str = "", *,
         chosen = cands[-1]
         notes.append(f"may not fit: even this needs more than the {usable / MiB:,.0f} MiB usable; "
                      "free GPU memory or lower the fixed settings")
-    n, ctx, kv, fa = chosen
+    n, ctx, kv, fa, moe = chosen
     if kv == "q8_0" and kv_cache_type == "auto":
         notes.append("KV cache q8_0: an f16 cache of this context does not fit; decode ~12% slower "
                      "(docs/measurements.md, an H100: 202 vs 229 tok/s)")
-    return _make_plan(p, n, ctx, kv, fa, vram_bytes, budget_source, notes)
+    if n_cpu_moe not in ("auto", 0) and not p.n_expert:
+        notes.append(f"n_cpu_moe {n_cpu_moe} ignored: {p.name} has no experts")
+    return _make_plan(p, n, ctx, kv, fa, vram_bytes, budget_source, notes, moe)
 
 
 def plan(model_path: str | Path | Profile, *, vram_bytes: int | None = None, n_gpu_layers: int | str = "auto",
          n_ctx: int | str = "auto", kv_cache_type: str = "auto", flash_attn: bool | str = "auto",
-         min_ctx: int = 4096) -> Plan:
+         min_ctx: int = 4096, n_cpu_moe: int | str = "auto") -> Plan:
     """Plan for a GGUF file, a catalog name, or a profile already read. vram_bytes None: ask the GPU."""
     profile = model_path if isinstance(model_path, Profile) else load_profile(model_path)
     source = "given"
@@ -235,19 +304,32 @@ def plan(model_path: str | Path | Profile, *, vram_bytes: int | None = None, n_g
         probed = _probe_vram()
         vram_bytes, source = probed if probed else (None, _no_gpu_reason())
     return plan_profile(profile, vram_bytes, source, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
-                        kv_cache_type=kv_cache_type, flash_attn=flash_attn, min_ctx=min_ctx)
+                        kv_cache_type=kv_cache_type, flash_attn=flash_attn, min_ctx=min_ctx, n_cpu_moe=n_cpu_moe)
 
 
 def fewer_layers(p: Plan) -> Plan | None:
-    """The plan to try after a CUDA out-of-memory at load: enough fewer layers to free ~5% of VRAM."""
+    """The plan to try after a CUDA out-of-memory at load: enough less on the GPU to free ~5% of VRAM; a MoE
+    model moves more blocks' experts to system RAM before it gives up a layer."""
     if p.n_gpu_layers == 0 or p.profile is None or p.vram_budget_bytes is None:
         return None
     target = p.estimated_vram_bytes - max(MARGIN_MIN, int(p.estimated_vram_bytes * MARGIN_SHARE))
+
+    def fits(n: int, moe: int) -> bool:
+        return sum(estimate(p.profile, n, p.n_ctx, p.kv_cache_type, p.flash_attn, moe).values()) <= target
+
+    if p.profile.n_expert and p.n_cpu_moe < p.n_layer:
+        moe = p.n_cpu_moe + 1
+        while moe < p.n_layer and not fits(p.n_gpu_layers, moe):
+            moe += 1
+        return _make_plan(p.profile, p.n_gpu_layers, p.n_ctx, p.kv_cache_type, p.flash_attn, p.vram_budget_bytes,
+                          p.budget_source, [f"out of memory with the experts of {p.n_cpu_moe} blocks in system "
+                                            f"RAM: retrying with {moe}"], moe)
     n = p.n_gpu_layers - 1
-    while n > 0 and sum(estimate(p.profile, n, p.n_ctx, p.kv_cache_type, p.flash_attn).values()) > target:
+    while n > 0 and not fits(n, p.n_cpu_moe):
         n -= 1
     return _make_plan(p.profile, n, p.n_ctx, p.kv_cache_type, p.flash_attn, p.vram_budget_bytes,
-                      p.budget_source, [f"out of memory with {p.n_gpu_layers} GPU layers: retrying with {n}"])
+                      p.budget_source, [f"out of memory with {p.n_gpu_layers} GPU layers: retrying with {n}"],
+                      p.n_cpu_moe)
 
 
 # ---- free VRAM ---------------------------------------------------------------------------------------
@@ -346,7 +428,9 @@ def _given_budget_note(p: Profile, budget: int, min_ctx: int) -> str:
     shared = plan_profile(p, budget - DESKTOP_SHARE, min_ctx=min_ctx)
     return (f"--vram-gb plans for {budget / GiB:g} GiB free: a card with nothing else on it. A desktop on the same "
             f"card commonly holds 0.3-1 GiB; with {(budget - DESKTOP_SHARE) / GiB:g} GiB free this becomes "
-            f"{shared.n_gpu_layers} of {shared.n_layer + 1} layers on the GPU and {shared.n_ctx} context. "
+            f"{shared.n_gpu_layers} of {shared.n_layer + 1} layers on the GPU"
+            f"{f' with the experts of {shared.n_cpu_moe} blocks in RAM' if shared.n_cpu_moe else ''} and "
+            f"{shared.n_ctx} context. "
             "`nvidia-smi` shows what is free; without --vram-gb the miner plans with what is free when it starts")
 
 
@@ -360,8 +444,8 @@ def arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
-def command(args: argparse.Namespace) -> int:
-    """Plan n_gpu_layers, context length, KV cache type and flash attention for a GGUF model."""
+def plan_for(args: argparse.Namespace) -> Plan:
+    """The plan for `fit`'s arguments: a GGUF file or a catalog name, at --vram-gb or what the GPU has free."""
     if args.model is None:
         from models.embedded import embedded_model_path
         args.model = str(embedded_model_path())
@@ -373,5 +457,4 @@ def command(args: argparse.Namespace) -> int:
     result = plan_profile(profile, budget, source, min_ctx=args.min_ctx)
     if args.vram_gb is not None:
         result = dataclasses.replace(result, notes=result.notes + [_given_budget_note(profile, budget, args.min_ctx)])
-    print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
-    return 0
+    return result

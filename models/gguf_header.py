@@ -35,33 +35,49 @@ class Header:
     tensors: tuple[Tensor, ...]
 
 
+class NeedMoreBytes(Exception):
+    """The buffer ends inside the header: the file is not damaged, only more of it must be read."""
+
+
 def read_header(path: Path) -> Header:
     """ValueError when the file is not GGUF or its header is cut short."""
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         try:
-            return _parse(data, path)
-        except (struct.error, UnicodeDecodeError, KeyError) as e:
-            raise ValueError(f"{path}: the GGUF header is cut short or damaged ({type(e).__name__}: {e})") from None
+            return parse_header(data, str(path))
+        except NeedMoreBytes:
+            raise ValueError(f"{path}: the file ends inside its GGUF header (cut short)") from None
 
 
-def _parse(data: mmap.mmap, path: Path) -> Header:
-    if data[:4] != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file")
-    _version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
-    pos = 24
+def parse_header(data: bytes | mmap.mmap, name: str) -> Header:
+    """The header at the start of `data` (a whole file or its first bytes); `name` labels errors.
+    NeedMoreBytes when data ends inside the header; ValueError when it is not GGUF or is damaged."""
+    if len(data) >= 4 and data[:4] != b"GGUF":
+        raise ValueError(f"{name} is not a GGUF file (it starts {data[:4]!r})")
+    try:
+        return _parse(data)
+    except (struct.error, UnicodeDecodeError, KeyError, ValueError) as e:  # ValueError: an unknown tensor type
+        raise ValueError(f"{name}: the GGUF header is damaged ({type(e).__name__}: {e})") from None
+
+
+def _parse(data: bytes | mmap.mmap) -> Header:
+    pos = 4
+
+    def claim(size: int) -> int:
+        """Where the next `size` bytes start; a short buffer is not damage, so say so before struct does."""
+        nonlocal pos
+        if pos + size > len(data):
+            raise NeedMoreBytes
+        pos += size
+        return pos - size
 
     def take(fmt: str) -> tuple[Any, ...]:
-        nonlocal pos
-        values = struct.unpack_from("<" + fmt, data, pos)
-        pos += struct.calcsize("<" + fmt)
-        return values
+        return struct.unpack_from("<" + fmt, data, claim(struct.calcsize("<" + fmt)))
 
     def value(kind: int) -> Any:
-        nonlocal pos
         if kind == STRING:
             (size,) = take("Q")
-            pos += size
-            return data[pos - size:pos].decode("utf-8")
+            start = claim(size)
+            return data[start:start + size].decode("utf-8")
         if kind == ARRAY:
             item, count = take("IQ")
             if item in NUMBERS:
@@ -69,6 +85,7 @@ def _parse(data: mmap.mmap, path: Path) -> Header:
             return [value(item) for _ in range(count)]
         return take(NUMBERS[kind])[0]
 
+    _version, n_tensors, n_kv = take("IQQ")
     metadata = {}
     for _ in range(n_kv):
         key = value(STRING)

@@ -57,6 +57,7 @@ CHAPTER = {
 class FakeBackend(Backend):
     """Answers from a queue: a string is the text, an exception is raised. Records each request."""
     type = "custom"
+    mode = "custom"
 
     def __init__(self, name: str):
         super().__init__(name)

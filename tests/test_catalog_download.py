@@ -8,6 +8,7 @@ import os
 import random
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -24,15 +25,21 @@ from huggingface_hub import constants
 from models import catalog, download
 from models.download import (ChecksumMismatchError, GatedRepoAccessError, NotEnoughDiskError,
                              download_quant, yaml_snippet)
+from models.errors import UnloadableModelError
+from tests.test_gguf_loadable import write_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<fn>.+)$")
 COMMIT = "c0ffee" * 6 + "beef"
 CHUNK = constants.DOWNLOAD_CHUNK_SIZE  # huggingface_hub writes (and so can resume) whole chunks only
+HEADER_RANGE = f"bytes=0-{download.HEADER_FIRST_BYTES - 1}"  # the header check's first GET of a large file
+# the smallest GGUF header the download's check lets through: general.architecture = llama, no tensors
+GGUF_START = (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 20) + b"general.architecture"
+              + struct.pack("<IQ", 8, 5) + b"llama")
 
 
 def payload(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
+    return GGUF_START + random.Random(seed).randbytes(n - len(GGUF_START))
 
 
 @dataclass
@@ -80,17 +87,18 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if key not in hub.files:
                 return self._refuse(404, "EntryNotFound", body)
             content, sha = hub.files[key]
-            start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+            first, _, last = (rng or "bytes=0-").removeprefix("bytes=").partition("-")
+            start, end = int(first), min(int(last or len(content) - 1), len(content) - 1)
             self.send_response(206 if rng else 200)
             for name, value in (("X-Repo-Commit", COMMIT), ("ETag", f'"{sha}"'),
                                 ("X-Linked-Etag", f'"{sha}"'), ("X-Linked-Size", str(len(content))),
-                                ("Accept-Ranges", "bytes"), ("Content-Length", str(len(content) - start))):
+                                ("Accept-Ranges", "bytes"), ("Content-Length", str(end + 1 - start))):
                 self.send_header(name, value)
             if rng:
-                self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(content)}")
             self.end_headers()
             if body:
-                self._body(key, content[start:], first=not rng)
+                self._body(key, content[start:end + 1], first=not rng)
 
         def _body(self, key: str, data: bytes, first: bool) -> None:
             if first and key in hub.drop_once:  # a connection lost mid-file
@@ -161,6 +169,14 @@ def test_catalog_has_the_four_models_with_both_quants() -> None:
     assert catalog.get("llama-3.1-8b").source_gated and not catalog.get("qwen2.5-7b").source_gated
 
 
+def test_mixtral_is_a_conversion_with_merged_experts() -> None:
+    entry = catalog.get("mixtral-8x7b")
+    files = {q.quant: (q.repo, q.files) for q in entry.quants}
+    assert files == {"Q4_K_M": ("mradermacher/Mixtral-8x7B-Instruct-v0.1-GGUF", ("Mixtral-8x7B-Instruct-v0.1.Q4_K_M.gguf",)),
+                     "Q4_0": ("gobean/Mixtral-8x7B-Instruct-v0.1-GGUF", ("Mixtral-8x7B-Instruct-v0.1-q4-0.gguf",))}
+    assert all("TheBloke" not in q.repo for m in catalog.MODELS.values() for q in m.quants)
+
+
 def test_unknown_names_list_the_choices() -> None:
     with pytest.raises(catalog.UnknownModelError, match="llama-3.1-8b, llama-3.1-70b"):
         catalog.get("gpt-5")
@@ -182,7 +198,7 @@ def test_dropped_connection_resumes_with_range_and_verifies(hub: FakeHub, tmp_pa
     paths = download_quant(tiny_quant("tiny-Q4_K_M.gguf"), tmp_path / "m", **quiet)
     assert paths == [tmp_path / "m" / "tiny-Q4_K_M.gguf"]
     assert paths[0].read_bytes() == data
-    assert hub.ranges("tester/Tiny-GGUF/tiny-Q4_K_M.gguf") == [f"bytes={CHUNK}-"]
+    assert hub.ranges("tester/Tiny-GGUF/tiny-Q4_K_M.gguf") == [HEADER_RANGE, f"bytes={CHUNK}-"]
     assert not list((tmp_path / "m").glob("*.part"))  # the stale part is gone too
     gets = hub.gets()
     download_quant(tiny_quant("tiny-Q4_K_M.gguf"), tmp_path / "m", **quiet)
@@ -200,7 +216,7 @@ def test_two_downloads_of_one_file_at_once_end_with_one_good_file(hub: FakeHub, 
     hub.stall[key] = (CHUNK + 1000, release)  # the first holds the file half-written until released
     first = run_cli(hub, tmp_path, "llama-3.1-8b", "--dir", "models", wait=False)
     deadline = time.monotonic() + 30
-    while not any(m == "GET" and k == key for m, k, _ in hub.requests) and time.monotonic() < deadline:
+    while not any(m == "GET" and k == key and not r for m, k, r in hub.requests) and time.monotonic() < deadline:
         time.sleep(0.05)
     second = run_cli(hub, tmp_path, "llama-3.1-8b", "--dir", "models", wait=False)
     time.sleep(2)  # the second has asked the hub for the file's metadata and waits on the lock now
@@ -210,7 +226,7 @@ def test_two_downloads_of_one_file_at_once_end_with_one_good_file(hub: FakeHub, 
     assert not list((tmp_path / "models").glob("*.part"))
     assert any(b"waiting for it" in err for _, err in outs)
     assert second.returncode == 0, outs[1][1][-2000:]
-    gets = [r for m, k, r in hub.requests if m == "GET" and k == key]
+    gets = [r for m, k, r in hub.requests if m == "GET" and k == key and r != HEADER_RANGE]
     assert gets == [None, f"bytes={CHUNK}-"]  # one download at a time: the file, then its rest after the drop
 
 
@@ -234,7 +250,7 @@ def test_killed_download_resumes_on_the_next_run(hub: FakeHub, tmp_path: Path) -
 
     done = run_cli(hub, tmp_path, "llama-3.1-8b", "--dir", "models")
     assert done.returncode == 0, done.stderr
-    assert hub.ranges(key) == [f"bytes={CHUNK}-"]
+    assert hub.ranges(key) == [HEADER_RANGE, HEADER_RANGE, f"bytes={CHUNK}-"]  # each run read the header first
     assert (tmp_path / "models" / quant.files[0]).read_bytes() == data
     assert done.stdout == ("backends:\n  - type: llama_cpp\n"
                            f"    model_path: models/{quant.files[0]}\n    n_gpu_layers: auto\n")
@@ -291,7 +307,7 @@ def test_full_disk_is_refused_before_downloading(hub: FakeHub, tmp_path: Path,
     assert str(tmp_path / "d") in str(err.value)
     assert "needs 7,000 bytes more but only 1,000 bytes is free" in str(err.value)
     assert "--dir" in str(err.value)
-    assert hub.gets() == 0
+    assert hub.ranges("tester/Tiny-GGUF/a.gguf") == ["bytes=0-2999"] and hub.gets() == 1  # the header only
 
 
 class FillsUp:
@@ -328,6 +344,29 @@ def test_a_disk_that_fills_up_mid_download_says_so_and_the_next_run_resumes(
     paths = download_quant(tiny_quant("tiny-Q4_K_M.gguf"), tmp_path / "m", **quiet)
     assert paths[0].read_bytes() == data
     assert hub.ranges("tester/Tiny-GGUF/tiny-Q4_K_M.gguf")[-1] == f"bytes={CHUNK + 10}-"
+
+
+def test_a_file_llama_cpp_cannot_load_is_refused_from_its_header_before_a_byte_is_written(
+        hub: FakeHub, tmp_path: Path) -> None:
+    old = write_gguf(tmp_path / "old.gguf", split_experts=True).read_bytes()  # TheBloke's Mixtral layout
+    hub.add("TheBloke/Tiny-GGUF", "tiny.Q4_K_M.gguf", old)
+    with pytest.raises(UnloadableModelError) as err:
+        download_quant(tiny_quant("tiny.Q4_K_M.gguf", repo="TheBloke/Tiny-GGUF"), tmp_path / "m", endpoint=hub.url,
+                       log=lambda _: None)
+    assert str(err.value).startswith("TheBloke/Tiny-GGUF/tiny.Q4_K_M.gguf: its MoE experts are stored one tensor "
+                                     "each (blk.0.ffn_gate.0.weight), a layout llama.cpp dropped in 2024; ")
+    assert not list((tmp_path / "m").iterdir())  # no .part, no .gguf, no lock
+    assert [r for m, _, r in hub.requests if m == "GET"] == [f"bytes=0-{len(old) - 1}"]
+
+
+def test_a_long_header_is_read_in_doubling_ranges_then_the_file_downloads(hub: FakeHub, tmp_path: Path) -> None:
+    data = write_gguf(tmp_path / "new.gguf", filler_bytes=3 << 20).read_bytes()  # Llama-3's vocabulary: ~3 MiB
+    hub.add("tester/Tiny-GGUF", "tiny-Q4_K_M.gguf", data)
+    paths = download_quant(tiny_quant("tiny-Q4_K_M.gguf"), tmp_path / "m", endpoint=hub.url, log=lambda _: None)
+    assert paths[0].read_bytes() == data
+    mib = 1 << 20
+    assert [r for m, _, r in hub.requests if m == "GET"] == [
+        f"bytes=0-{mib - 1}", f"bytes=0-{2 * mib - 1}", f"bytes=0-{len(data) - 1}", None]  # 4 MiB > the file
 
 
 def test_yaml_quotes_paths_that_need_it(tmp_path: Path) -> None:

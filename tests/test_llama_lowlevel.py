@@ -1,5 +1,11 @@
 """Each low-level llama.cpp call the backend makes, on the embedded model: what it returns, and how it fails."""
+import contextlib
+import io
+import logging
+import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import llama_cpp
 import numpy as np
@@ -26,6 +32,28 @@ def ctx(model):
     c = ll.Context(model, n_ctx=512, n_batch=128, n_seq_max=2, flash_attn=False, kv_cache_type="f16", n_threads=2)
     yield c
     c.close()
+
+
+@contextlib.contextmanager
+def llama_log() -> Iterator[io.StringIO]:
+    """What llama.cpp logs while the block runs, at every level: llama-cpp-python's log callback prints to
+    sys.stderr what its logger's own level lets through (backends.llama_lowlevel sets it to ERROR)."""
+    logger = logging.getLogger("llama-cpp-python")
+    level, stderr, text = logger.level, sys.stderr, io.StringIO()
+    logger.setLevel(logging.DEBUG)
+    sys.stderr = text
+    try:
+        yield text
+    finally:
+        logger.setLevel(level)
+        sys.stderr = stderr
+
+
+def mappings_of(path: Path) -> int:
+    """How many memory mappings of this file the process has (Linux)."""
+    name = str(path.resolve())
+    with open("/proc/self/maps") as maps:
+        return sum(line.rstrip("\n").endswith(" " + name) for line in maps)
 
 
 def decode_prompt(ctx, batch, tokens, seq):
@@ -77,6 +105,33 @@ def test_a_file_llama_cpp_cannot_load_raises(tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(ll.LlamaError, match="could not load"):
         ll.Model(bad, 0)
+
+
+def test_a_field_a_llama_cpp_struct_lacks_is_refused():
+    """ctypes keeps an unknown name as a Python attribute: in 0.3.36 llama_model_params has load_mode, and
+    `params.use_mmap = False` never reached llama.cpp."""
+    params = llama_cpp.llama_model_default_params()
+    with pytest.raises(AttributeError, match=r"llama_model_params has no field 'use_mmap' in llama-cpp-python "
+                                             r"0\.3\.36, so llama.cpp would never see it; its fields: .*load_mode"):
+        ll.set_fields(params, n_gpu_layers=7, use_mmap=False)
+    assert params.n_gpu_layers != 7 and not hasattr(params, "use_mmap")  # nothing written
+    assert ll.set_fields(params, load_mode=llama_cpp.LLAMA_LOAD_MODE_NONE).load_mode == llama_cpp.LLAMA_LOAD_MODE_NONE
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+@pytest.mark.parametrize("mmap, load_mode", [(True, "mmap"), (False, "none")])
+def test_mapping_the_file_or_reading_it_reaches_llama_cpp(mmap, load_mode):
+    """The file is mapped into the process only when asked, and llama.cpp names the load mode it was given."""
+    path = embedded_model_path()
+    before = mappings_of(path)
+    with llama_log() as log:
+        loaded = ll.Model(path, 0, mmap=mmap)
+    try:
+        assert (mappings_of(path) > before) is mmap
+        assert f"(load_mode = {load_mode})" in log.getvalue()
+    finally:
+        loaded.close()
+    assert mappings_of(path) == before
 
 
 def test_two_sequences_decode_in_one_batch_and_get_their_own_logits(model, ctx):
