@@ -115,6 +115,7 @@ class Child:
         self.started = time.monotonic()
         self.answered = self.started  # time.monotonic() of its last reply to anything
         self._pinged = 0.0
+        self._unanswered_since = 0.0  # the first ping sent after its last reply
         self._pending: dict[int, Future] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()  # the calls owed
@@ -176,16 +177,19 @@ class Child:
                 else:
                     future.set_exception(value)
 
-    def ping(self) -> None:
-        """Ask for a reply every PING_EVERY_S without waiting for it: the reader notes when replies come."""
+    def ping(self, every: float) -> None:
+        """Ask for a reply every `every` seconds without waiting for it: the reader notes when replies come."""
         now = time.monotonic()
-        if now - self._pinged >= PING_EVERY_S:
+        if now - self._pinged >= every:
+            if self._pinged <= self.answered:
+                self._unanswered_since = now
             self._pinged = now
             self._send_quietly(("call", -1, "ping", ()))
 
     def silent_s(self) -> float:
-        """How long the child has not answered a ping that is due an answer (0 while it keeps answering)."""
-        return time.monotonic() - self._pinged if self._pinged > self.answered else 0.0
+        """How long the child has left pings unanswered, from the first of them (0 while it keeps answering):
+        counted from the latest ping instead, silence could never outgrow the time between two pings."""
+        return time.monotonic() - self._unanswered_since if self._pinged > self.answered else 0.0
 
     def call(self, method: str, *args: Any, timeout: float, cancelled: threading.Event | None = None) -> Any:
         future: Future = Future()
@@ -331,7 +335,8 @@ class LlamaCppProcess(Backend):
             self._lost(child, child.cause())
             return
         running = stalled(child.clock, self.settings.stall_s)
-        child.ping()
+        # every 5 s, or every half stall_s when that is shorter: a silent child is caught within 1.5 stall_s
+        child.ping(min(PING_EVERY_S, self.settings.stall_s / 2))
         if running is not None:
             limit = stall_limit(child.clock.planned, self.settings.stall_s)
             self._lost(child, f"stalled: a step ran {running:.1f} s (limit {limit:.0f} s), so it was killed")

@@ -112,3 +112,34 @@ def running_health(capsys):
         code = cli(["health", "--config", config, "--running", *args])
         return code, capsys.readouterr().out
     return health
+
+
+# The conversion tests' checkpoints and conversions, made once for the run: tests/test_experts_in_ram.py loads
+# the same converted Mixtral (converting one takes about 10 s).
+@pytest.fixture(scope="session")
+def vocab_files():
+    from models.hf_to_gguf import CONVERTER_FILES
+    from models.llama_cpp_source import llama_cpp_tree
+    from tests.real_tokenizers import VOCABS
+    from tests.test_convert import VOCAB_FILES
+    # The converter's files too, fetched here once rather than by two conversions at the same time.
+    tree = llama_cpp_tree([*VOCAB_FILES, *CONVERTER_FILES])
+    return {name: tree / f"models/ggml-vocab-{name}.gguf" for name in VOCABS}
+
+
+@pytest.fixture(scope="session")
+def convert_bench(tmp_path_factory, vocab_files):
+    from tests.test_convert import Bench
+    bench = Bench(tmp_path_factory.mktemp("convert"), vocab_files)
+    yield bench
+    bench.pool.shutdown(cancel_futures=True)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(convert_bench):
+    return convert_bench.checkpoints
+
+
+@pytest.fixture(scope="session")
+def converted(convert_bench):
+    return convert_bench.converted

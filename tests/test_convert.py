@@ -14,7 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +27,7 @@ import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from models.hf_to_gguf import CONVERTER_FILES, ConversionError, convert
-from models.llama_cpp_source import llama_cpp_tree
+from models.hf_to_gguf import ConversionError, convert
 from models.quantize import quantize
 from tests.real_tokenizers import LLAMA3_SPLIT, VOCABS, rebuild, reference_cases
 
@@ -240,30 +239,6 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
                           check=False, capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def vocab_files() -> dict[str, Path]:
-    # The converter's files too, fetched here once rather than by two conversions at the same time.
-    tree = llama_cpp_tree([*VOCAB_FILES, *CONVERTER_FILES])
-    return {name: tree / f"models/ggml-vocab-{name}.gguf" for name in VOCABS}
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory: pytest.TempPathFactory, vocab_files: dict[str, Path]) -> Iterator[Bench]:
-    bench = Bench(tmp_path_factory.mktemp("convert"), vocab_files)
-    yield bench
-    bench.pool.shutdown(cancel_futures=True)
-
-
-@pytest.fixture(scope="module")
-def checkpoints(bench: Bench) -> Checkpoints:
-    return bench.checkpoints
-
-
-@pytest.fixture(scope="module")
-def converted(bench: Bench) -> Converted:
-    return bench.converted
-
-
 def hf_logits(fixture: Fixture, tokens: list[int]) -> np.ndarray:
     with torch.no_grad():
         return fixture.model(torch.tensor([tokens])).logits[0].float().numpy()
@@ -395,8 +370,8 @@ def test_q4_files_load_and_generate(arch: str, quant: str, converted: Converted)
     llm.close()
 
 
-def test_unrecognised_bpe_tokenizer_is_refused(checkpoints: Checkpoints, bench: Bench) -> None:
-    folder, run = bench.cli["llama-unknown-bpe"]
+def test_unrecognised_bpe_tokenizer_is_refused(checkpoints: Checkpoints, convert_bench: Bench) -> None:
+    folder, run = convert_bench.cli["llama-unknown-bpe"]
     assert (run.result().returncode, run.result().stdout) == (2, "")  # could not do it: the message says why
     tokenizer_json = checkpoints["llama-unknown-bpe"].path / "tokenizer.json"
     assert f"{tokenizer_json}: llama.cpp's converter in llama-cpp-python" in run.result().stderr
@@ -404,12 +379,12 @@ def test_unrecognised_bpe_tokenizer_is_refused(checkpoints: Checkpoints, bench: 
     assert not list(folder.iterdir())  # not even a .part file
 
 
-def test_unsupported_architecture_is_refused(checkpoints: Checkpoints, bench: Bench) -> None:
+def test_unsupported_architecture_is_refused(checkpoints: Checkpoints, convert_bench: Bench) -> None:
     config_json = checkpoints["opt"].path / "config.json"
     with pytest.raises(ConversionError, match=rf"{config_json}: .*does not support the architecture "
                                               r"OPTForCausalLM\. A newer llama-cpp-python"):
-        bench.converted("opt", "f16")
-    assert not list(bench.out.glob("opt*"))
+        convert_bench.converted("opt", "f16")
+    assert not list(convert_bench.out.glob("opt*"))
 
 
 def test_missing_tokenizer_is_a_clear_error(checkpoints: Checkpoints, tmp_path: Path) -> None:
@@ -439,8 +414,8 @@ def test_not_enough_disk_is_found_before_converting(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_cli_converts_to_q4_k_m_and_prints_json(bench: Bench) -> None:
-    folder, future = bench.cli["llama-spm"]
+def test_cli_converts_to_q4_k_m_and_prints_json(convert_bench: Bench) -> None:
+    folder, future = convert_bench.cli["llama-spm"]
     run, out = future.result(), folder / "model.gguf"
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout) == {"path": "model.gguf", "arch": "llama", "outtype": "f16", "quant": "Q4_K_M",

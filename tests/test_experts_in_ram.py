@@ -21,16 +21,10 @@ OVERRIDDEN = re.compile(r"tensor (\S+) \(\d+ MiB \w+\) buffer type overridden to
 PROMPT = "Hello world, the quick brown fox"
 
 
-def tiny_mixtral(folder: Path) -> Path:
-    """test_convert's Mixtral checkpoint, converted to f32 by llama.cpp's own converter (about 10 s)."""
-    from tests.test_convert import BUILDERS, convert  # torch and transformers: only for the tests that load it
-    BUILDERS["mixtral"](folder, {}, {})
-    return convert(folder / "checkpoint", quant="none", outtype="f32", out=folder / "tiny-mixtral.gguf").path
-
-
 @pytest.fixture(scope="module")
-def mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_mixtral(tmp_path_factory.mktemp("mixtral"))
+def mixtral(converted) -> Path:
+    """test_convert's Mixtral checkpoint, converted to f32 by llama.cpp's own converter."""
+    return converted("mixtral")
 
 
 def greedy(model: ll.Model, ctx: ll.Context, n: int) -> list[int]:
