@@ -121,7 +121,7 @@ def test_the_gpu_check_steps_rehearse_on_the_cpu_with_only_the_gpu_image_and_the
     step("model", "--shape", "tiny", "--vocab", str(embedded_model_path()), timeout=120)
     step("prove", timeout=300)
     tiny_plan = "--n-ctx 4096 --parallel 2"
-    step("measure", "--seconds", "150", "--loadtest-seconds", "10", "--validators", "2", "--plans", "6", "--loadtest",
+    step("measure", "--seconds", "150", "--loadtest-seconds", "5", "--validators", "2", "--plans", "6", "--loadtest",
          "--others 1 --api 0", "--bench", "--tasks blueprint --repeat 1 --batch-task blueprint --batch-requests 2 "
          f"--burst 0 --bare-steps 10 --step-cells 600 --no-engine-process {tiny_plan}", "--burst", "--tasks '' --batch-requests 0 "
          f"--bare-steps 0 --step-cells 0 --burst 2 --burst-rounds 2 {tiny_plan}", timeout=300)
