@@ -10,7 +10,7 @@ import time
 from backends.llama_lowlevel import Batch, Context, SamplerChain
 from backends.sizing import Speed
 
-STEPS = 8  # six warm-ups here: medians of 8 steps 9.0-10.7 ms, of 12 9.2-10.8 ms: no steadier for more
+STEPS = 12
 SHORT = 32  # prompt tokens of the extra sequences: they only need to exist
 FORCED = 8  # forced tokens beside a drawn one, to price them
 
