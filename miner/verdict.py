@@ -145,15 +145,23 @@ def table(found: list[Verdict], work: list[Load], speed: Speed) -> str:
     return "\n".join([head, *lines])
 
 
-def problem(found: list[Verdict], speed: Speed) -> str | None:
-    """The operator's line when some task cannot arrive in time even at its least."""
+FIX = "put an API backend after it, or choose a smaller model (`storynet-miner fit`)"
+
+
+def too_slow(found: list[Verdict], speed: Speed) -> str | None:
+    """Which tasks cannot arrive in time even at their least, and why; None when every one can."""
     slow = [v for v in found if v.size is None]
     if not slow:
         return None
     worst = max(slow, key=lambda v: v.seconds["least"])
     return (f"cannot answer {', '.join(v.task for v in slow)} in {worst.limit_s:.0f} s here ({worst.task} at its "
-            f"least needs about {worst.seconds['least']:.0f} s at {speed.decode_tok_s:.1f} tok/s, "
-            f"{speed.source}): put an API backend after it, or choose a smaller model (`storynet-miner fit`)")
+            f"least needs about {worst.seconds['least']:.0f} s at {speed.decode_tok_s:.1f} tok/s, {speed.source})")
+
+
+def problem(found: list[Verdict], speed: Speed) -> str | None:
+    """The operator's line when some task cannot arrive in time even at its least: why, and the fix."""
+    why = too_slow(found, speed)
+    return f"{why}: {FIX}" if why else None
 
 
 def limit_s(settings: GenerationSettings) -> float:
@@ -172,14 +180,14 @@ def check(backends: list[Backend], settings: GenerationSettings) -> Check | None
     if (found := _first_local(backends)) is None:
         return None
     local, speed = found
-    line = problem(verdicts(loads(TOKENS_PER_CHAR), speed, limit_s(settings)), speed)
-    if line is None:
+    why = too_slow(verdicts(loads(TOKENS_PER_CHAR), speed, limit_s(settings)), speed)
+    if why is None:
         return Check("answer time", True, f"every task arrives within {limit_s(settings):.0f} s at "
                                           f"{speed.decode_tok_s:.1f} tok/s ({speed.source})")
     after = [b.name for b in backends[local + 1:]]
     if after:
-        return Check("answer time", True, f"{line.split(': put')[0]}; {after[0]} answers when it cannot")
-    return Check("answer time", False, line, concern="answers miss the validators' timeout")
+        return Check("answer time", True, f"{why}; {after[0]} answers when it cannot")
+    return Check("answer time", False, f"{why}: {FIX}", concern="answers miss the validators' timeout")
 
 
 def start_report(backends: list[Backend], settings: GenerationSettings) -> tuple[str, bool] | None:
