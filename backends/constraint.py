@@ -23,37 +23,44 @@ from backends.base import BackendError
 from backends.llama_lowlevel import Model
 
 COMPACT = {"whitespace_flexible": False}  # no whitespace between JSON tokens: nothing to sample there
-# A run of spaces meets a short minLength and says nothing: short strings must start with a visible
-# character. (llguidance cannot combine a pattern with a minLength of about 45 or more, and a run of
-# spaces that long is no risk.) Spaces are what Python's str.isspace() calls so, as the contract checks
-# with str.strip(). The regex \S lets U+001C-U+001F through, which strip() removes (a trait that came
-# back empty after strip() failed a characters answer under load).
+# Every string's characters are written out here as a regex, with its lengths in the regex's repeat
+# counts: llguidance cannot join a pattern with a minLength of about 45 or more, and with no pattern at all
+# a string may hold anything JSON can escape. A small model left free writes control characters (the
+# 135M demo model filled a whole chapter with \u0002-style escapes): no reader wants them, and each costs
+# about six tokens for one character, so the answer runs past the tokens its plan counted on.
+CONTROLS = "\\x00-\\x09\\x0b-\\x1f\\x7f-\\x9f"  # C0 but the newline, DEL, C1 (regex escapes)
+# A string starts with a visible character: a run of spaces meets a minLength and says nothing. Spaces are
+# what Python's str.isspace() calls so, as the contract checks with str.strip().
 SPACES = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-VISIBLE_START, VISIBLE_START_BELOW = f"^[^{SPACES}]", 40
 # Prose that ends on a full sentence: the last character closes one, in any script this miner writes
 # (a closing quote or bracket after the mark too). In a task's schema it is the JSON Schema `pattern` beside
-# minLength and maxLength, which every backend can read; llguidance cannot join a pattern with lengths, so
-# for it the lengths move into the regex (the string can close only on a sentence's end, and must have one
-# by its maxLength).
+# minLength and maxLength, which every backend can read; for llguidance the string can close only on a
+# sentence's end, and must have one by its maxLength.
 SENTENCE_ENDS = ".!?。！？…」』”’\"')）"
 ENDS_ON_SENTENCE = f"[{SENTENCE_ENDS}]$"
 
 
 def _for_llguidance(schema: Any) -> Any:
-    """The schema as llguidance can compile it: short strings start with a visible character, and prose
-    that ends on a sentence has its lengths in its regex."""
+    """The schema as llguidance can compile it: each string a regex of what it may hold (no control
+    characters, a visible first character, a sentence's end last where it is prose), lengths included."""
     if isinstance(schema, list):
         return [_for_llguidance(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = {k: _for_llguidance(v) for k, v in schema.items()}
-    if out.get("type") != "string":
+    if out.get("type") != "string" or "enum" in out or "const" in out:
         return out
+    first, rest = f"[^{SPACES}{CONTROLS}]", f"[^{CONTROLS}]"
     if out.get("pattern") == ENDS_ON_SENTENCE:
         lo, hi = max(out.pop("minLength", 2), 2), out.pop("maxLength")  # a first and a last character at least
-        out["pattern"] = f"^[^{SPACES}][\\s\\S]{{{lo - 2},{hi - 2}}}[{SENTENCE_ENDS}]$"
-    elif "pattern" not in out and out.get("minLength", 0) < VISIBLE_START_BELOW:
-        out["pattern"] = VISIBLE_START
+        out["pattern"] = f"^{first}{rest}{{{lo - 2},{hi - 2}}}[{SENTENCE_ENDS}]$"
+    elif "pattern" not in out:
+        lo, hi = out.pop("minLength", 0), out.pop("maxLength", None)
+        if hi == 0:
+            out["pattern"] = "^$"
+            return out
+        body = f"{first}{rest}{{{max(lo - 1, 0)},{'' if hi is None else hi - 1}}}"
+        out["pattern"] = f"^{body}$" if lo > 0 else f"^({body})?$"
     return out
 
 

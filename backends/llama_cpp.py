@@ -30,7 +30,7 @@ from backends.engine import Engine, Job, Load
 from backends.engine.step_clock import STALL_FLOOR_S, StepClock, stall_limit, stalled
 from backends.constraint import Vocabulary
 from backends.llama_build import system_info
-from backends.sizing import CharCost, Cost, fit_schema, shrink, strings_in, worst_case
+from backends.sizing import CharCost, Cost, fit_schema, shrink, strings_in, value_chars, worst_case
 from models import fit
 from backends.errors import DoesNotFit
 from models.errors import ModelError, UnloadableModelError
@@ -383,6 +383,8 @@ class LlamaCppBackend(Backend):
             raise DeadlineExceeded(f"{self.name}: no answer from the engine by the hard limit") from None
         text = request.prefix + self.model.detokenize(result.tokens).decode("utf-8", errors="replace")
         if request.schema and result.finish_reason == "length":  # it ran past its plan: overload, not a fault
+            if not request.prefix:  # what it wrote shows the plan too low: the next is planned from it
+                self.char_cost.learn(value_chars(text), len(result.tokens) - result.forced)
             raise BackendBusy(f"busy: the answer reached {len(result.tokens)} tokens before its JSON was complete "
                               f"({result.note})")
         if request.schema and not request.prefix:

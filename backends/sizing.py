@@ -85,6 +85,32 @@ def strings_in(value: Any) -> Iterator[str]:
             yield from strings_in(item)
 
 
+def value_chars(text: str) -> str:
+    """The string values of JSON text that may stop anywhere (an answer cut off by its token cap), joined:
+    keys left out, each escape one character. What the answer's sampled tokens were spent on."""
+    values: list[str] = []
+    current: list[str] = []
+    inside, i = False, 0
+    while i < len(text):
+        ch = text[i]
+        if not inside:
+            if ch == '"':
+                inside, current = True, []
+            elif ch == ":" and values:
+                values.pop()  # the string before a colon was a key
+        elif ch == "\\":
+            current.append(ch)
+            i += 6 if text[i + 1:i + 2] == "u" else 2
+            continue
+        elif ch == '"':
+            values.append("".join(current))
+            inside = False
+        else:
+            current.append(ch)
+        i += 1
+    return "".join(values) + ("".join(current) if inside else "")
+
+
 def _strings(schema: Any) -> tuple[float, int, int]:
     """(characters of every string at its maximum, number of strings, optional items) at maximum size;
     infinite characters when a string has no maxLength."""
@@ -268,16 +294,19 @@ def script_of(text: str) -> str:
 class CharCost:
     """Tokens a character of answer text costs on this model, per writing system: measured on a sample of
     the requested language (Chinese costs SmolLM2 1.8 tokens a character, Llama-3 0.8), then learned from
-    the strings of the answers served, filed under the script they were written in (a model asked for
-    Chinese may answer in English: that says nothing of what Chinese costs). Plans use the high estimate:
-    the running mean plus Z spreads of how far answers fell from it, so about 1 answer in 20 costs more
-    than planned (with the mean alone, every other one). Z is above the normal 1.645 because mean and
-    spread are estimates themselves (tests/test_sizing.py)."""
+    the strings of the answers served (those cut off past their plan too: the plan was low), filed under the
+    script they were written in (a model asked for Chinese may answer in English: that says nothing of what
+    Chinese costs). Plans use the high estimate: the running mean plus Z spreads of how far answers fell
+    from it, so about 1 answer in 20 costs more than planned (with the mean alone, every other one). Z is
+    above the normal 1.645 because mean and spread are estimates themselves (tests/test_sizing.py)."""
 
     Z = 1.8
     MEAN_EMA, SPREAD_EMA, MIN_CHARS = 0.3, 0.1, 200  # answers shorter than this say little
     START_SPREAD = 0.1  # of the first figure, until answers show theirs
-    RANGE = (0.8, 1.5)  # of the first figure: one odd answer cannot move plans far
+    # Of the first figure, what plans keep to whatever the answers say: not far below it, so an answer written
+    # at the sample's cost still fits its runaway cap (1.5x the plan); far above, for a small model that
+    # writes lists of numbers at three times what prose costs.
+    RANGE = (0.8, 4.0)
 
     def __init__(self, count_tokens: Callable[[str], int]):
         self._count = count_tokens
@@ -296,24 +325,30 @@ class CharCost:
     def _of_sample(self, sample: str) -> list[float]:
         return self._entry(script_of(sample), lambda: self._count(sample) / len(sample))
 
+    def _in_range(self, first: float, value: float) -> float:
+        return min(max(value, first * self.RANGE[0]), first * self.RANGE[1])
+
     def mean(self, sample: str) -> float:
-        return self._of_sample(sample)[1]
+        first, mean, _ = self._of_sample(sample)
+        return self._in_range(first, mean)
 
     def high(self, sample: str) -> float:
         first, mean, miss = self._of_sample(sample)
-        return min(max(mean + self.Z * math.sqrt(miss), first * self.RANGE[0]), first * self.RANGE[1])
+        return self._in_range(first, mean + self.Z * math.sqrt(miss))
 
     def learn(self, text: str, sampled_tokens: int) -> None:
         """What the model samples for its answers' strings (commoner characters, a Latin id here and there) is
-        what answers will cost, more than a hand-written sample says."""
+        what answers will cost, more than a hand-written sample says. Mean and spread follow the answers
+        unbounded and only the plan keeps to RANGE: a spread measured from a held mean would count the
+        hold as scatter, and answers cheaper than the range allows would raise the plan."""
         if len(text) < self.MIN_CHARS:
             return
         seen = sampled_tokens / len(text)
         entry = self._entry(script_of(text), lambda: seen)
         with self._lock:
-            first, mean, miss = entry
+            _, mean, miss = entry
             diff = seen - mean
-            entry[1] = min(max(mean + self.MEAN_EMA * diff, first * self.RANGE[0]), first * self.RANGE[1])
+            entry[1] = mean + self.MEAN_EMA * diff
             entry[2] = miss + self.SPREAD_EMA * (diff * diff - miss)
 
 

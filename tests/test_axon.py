@@ -48,8 +48,8 @@ def served(embedded_backend, tmp_path_factory):
             miner.close()
 
 
-def ask(dendrite, miner, synapse, deserialize=False):
-    return dendrite.query(axons=[miner.axon.info()], synapse=synapse, timeout=60, deserialize=deserialize)[0]
+def ask(dendrite, miner, synapse, deserialize=False, timeout=VALIDATOR_TIMEOUT_S):
+    return dendrite.query(axons=[miner.axon.info()], synapse=synapse, timeout=timeout, deserialize=deserialize)[0]
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -58,7 +58,11 @@ def test_each_task_answers_a_321_validator_as_it_reads_the_answer(served, task):
     a Chinese prompt, sent through a client typed as 3.2.1 declares the synapse, deserialized as they do."""
     miner, validator, _ = served
     fields = examples.validator_fields(task, examples.VALIDATOR_PROMPTS[list(TASKS).index(task)])
-    output = ask(validator, miner, VALIDATOR_SYNAPSES["3.2.1"](**fields), deserialize=True)
+    # Twice their 60 s: on 2 cores the smallest Chinese chapter the 135M model may write is planned at 45-51 s
+    # of the 55 s that 60 leave (at the 2.4 tokens a character of the Chinese sample), so a slow moment of
+    # the machine would size it out as busy. What arrives is checked here; how fast, by bench and loadtest.
+    output = ask(validator, miner, VALIDATOR_SYNAPSES["3.2.1"](**fields), deserialize=True,
+                 timeout=2 * VALIDATOR_TIMEOUT_S)
     assert isinstance(output, dict) and "error" not in output, output
     sent = forward(output, task)  # as the validator rebuilds it and sends it for scoring
     assert sent.problems == [] and sent.task_type == task

@@ -141,3 +141,17 @@ def test_no_space_the_contract_strips_may_start_a_short_string(model, vocab):
         feed(model, matcher, '{"skills":["')
         with pytest.raises(BackendError, match="refused a token"):
             feed(model, matcher, space * 2)
+
+
+@pytest.mark.parametrize("node", [prose(20, 400), text(5, 90), text(60, 400)], ids=["prose", "short", "long"])
+def test_no_control_character_gets_into_a_string(model, vocab, node):
+    """A small model left free wrote a chapter of \\u0002-style escapes, six tokens a character: every string
+    refuses control characters (the newline aside), raw or escaped, and still takes any other text."""
+    for control in ("\\u0002", "\\u001b", "\\u007f", "\\t", "\\b", "\x7f", "\x85"):
+        matcher = vocab.matcher(obj(story=node))
+        feed(model, matcher, '{"story":"The tide came in')
+        with pytest.raises(BackendError, match="refused a token"):
+            feed(model, matcher, control)
+    matcher = vocab.matcher(obj(story=node))
+    feed(model, matcher, '{"story":"The tide came in,\\n潮水涨了。 «Ça va», she said — 100% sure! The boats stayed out."}')
+    assert matcher.done

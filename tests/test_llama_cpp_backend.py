@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from backends.base import BackendError, Request
+from backends.base import BackendBusy, BackendError, Request
 from backends.llama_cpp import (
     LlamaCppBackend,
     LlamaCppSettings,
@@ -104,6 +104,20 @@ def test_what_a_character_costs_is_learned_from_answers_within_bounds(embedded_b
     for _ in range(30):
         learn(json.dumps({"story": story * 8}, ensure_ascii=False), 3000)  # sampled in many small pieces
     assert embedded_backend.tokens_per_char(sample) == pytest.approx(measured * high)
+
+
+def test_an_answer_cut_off_past_its_plan_raises_the_next_plan(embedded_backend, monkeypatch):
+    """A sample that flatters the model (a tenth of what it really costs): the answer runs past its runaway
+    cap, and what it wrote before the cap teaches the plans that follow."""
+    monkeypatch.setattr(embedded_backend, "char_cost", CharCost(lambda text: embedded_backend.count_tokens(text) / 10))
+    ctx = Context(user_input="A story about a lighthouse keeper")
+    spec = TASKS["blueprint"]
+    request = Request(messages=spec.messages(ctx), max_tokens=spec.max_tokens(ctx),
+                      deadline=time.monotonic() + 60, schema=spec.schema(ctx))
+    planned = embedded_backend.tokens_per_char(request.language_sample)
+    with pytest.raises(BackendBusy, match="before its JSON was complete"):
+        embedded_backend.generate(request)
+    assert embedded_backend.tokens_per_char(request.language_sample) > planned * 1.5
 
 
 def test_health_runs_a_tiny_real_generation(embedded_backend):

@@ -8,7 +8,8 @@ import pytest
 
 from backends import llama_lowlevel as ll
 from backends.constraint import ENDS_ON_SENTENCE
-from backends.sizing import UNSCORED, CharCost, Cost, Speed, fit_schema, shrink, strings_in, worst_case
+from backends.sizing import (UNSCORED, CharCost, Cost, Speed, fit_schema, shrink, strings_in, value_chars,
+                             worst_case)
 from miner import examples
 from miner.config import GenerationSettings
 from miner.service import prepare
@@ -216,3 +217,23 @@ def test_answers_in_another_script_leave_the_requested_one_alone():
         cost.learn("The keeper wrote the names of the ships in a ledger. " * 10, 130)
     assert cost.high(chinese) == planned
     assert cost.high("An English request, planned from what English answers cost.") < 0.5
+
+
+def test_answers_cheaper_than_the_range_bring_the_plan_to_its_floor():
+    """A small model writes commoner characters than the sample (1.2 tokens a character where the sample
+    costs 2): plans fall to the range's floor, and that hold is not counted as the answers' scatter."""
+    cost = CharCost(lambda text: 2 * len(text))
+    chinese = "海港小镇的灯塔在雾里亮了一整夜，看守人写下每一艘船的名字。"
+    first = cost.high(chinese)
+    for _ in range(20):
+        cost.learn(chinese * 10, round(1.2 * len(chinese) * 10))
+    assert cost.high(chinese) == pytest.approx(2 * CharCost.RANGE[0]) and cost.high(chinese) < first
+
+
+def test_the_values_of_an_answer_cut_off_midway_are_counted_without_its_keys():
+    answer = {"title": 'The "Relay"', "chapters": [{"id": 1, "paragraphs": ["Dawn.\nNoon: 灯塔。", "Dusk\u0007"]}]}
+    text = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+    assert len(value_chars(text)) == len("".join(strings_in(answer)))  # each escape one character
+    cut = text[:text.index("Dusk") + 3]
+    assert len(value_chars(cut)) == len('The "Relay"Dawn.\nNoon: 灯塔。Dus')
+    assert "paragraphs" not in value_chars(cut) and "title" not in value_chars(cut)
