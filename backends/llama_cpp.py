@@ -26,7 +26,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from backends import llama_lowlevel as ll
 from backends.base import (Backend, BackendBusy, BackendError, BackendSettings, DeadlineExceeded, Gauges, Generation,
                            Health, ModelInfo, Request)
-from backends.engine import Engine, Job, Load
+from backends.engine import Engine, Job, Load, Result
 from backends.engine.step_clock import STALL_FLOOR_S, StepClock, stall_limit, stalled
 from backends.constraint import Vocabulary
 from backends.llama_build import system_info
@@ -52,6 +52,7 @@ FUTURE_GRACE_S = 5.0
 REVIVE_EVERY_S = 60.0  # a context that keeps breaking is not rebuilt in a loop
 CLOSE_WAIT_S = 10.0  # for callers to leave once the engine has failed their answers, before the model is freed
 MAX_TOKENS_MARGIN = 1.5  # the model may spend more tokens a character than the sample: a safety bound
+RUNAWAY_RETRIES = 1  # an answer cut off at that bound starts over once, planned from what it wrote
 WARM_UP_TEXT = ("The lighthouse keeper counted the ships each night, writing their names in a ledger that "
                 "nobody read. " + DENSE_TEXT)
 
@@ -366,6 +367,32 @@ class LlamaCppBackend(Backend):
         started = time.monotonic()
         if not math.isfinite(request.deadline):
             raise BackendError(f"the request's deadline is {request.deadline}: it must be a finite time")
+        for attempt in range(RUNAWAY_RETRIES + 1):
+            result, text = self._attempt(request)
+            if not (request.schema and result.finish_reason == "length"):
+                break
+            # It ran past its plan: what it wrote shows the plan too low, and the next is planned from it.
+            if not request.prefix:
+                self.char_cost.learn(value_chars(text), len(result.tokens) - result.forced)
+            if request.prefix or attempt == RUNAWAY_RETRIES:  # overload, not a fault: the chain moves on
+                raise BackendBusy(f"busy: the answer reached {len(result.tokens)} tokens before its JSON was "
+                                  f"complete ({result.note})")
+            log.info("%s: the answer reached %d tokens before its JSON was complete (%s); starting over, planned "
+                     "from what it wrote", self.name, len(result.tokens), result.note)
+        if request.schema and not request.prefix:
+            self._learn_tokens_per_char(text, len(result.tokens) - result.forced)
+        seconds = time.monotonic() - started
+        log.debug("%s: %d prompt tokens (%d reused) + %d tokens (%d forced) in %.2f s after %.2f s queued; %s",
+                  self.name, result.prompt_tokens, result.reused_tokens, len(result.tokens), result.forced,
+                  seconds, result.queued_s, result.note)
+        return Generation(text=text, prompt_tokens=result.prompt_tokens, completion_tokens=len(result.tokens),
+                          seconds=seconds, backend=self.name, model=self.info(),
+                          finish_reason=result.finish_reason, schema=result.schema,
+                          cached_tokens=result.reused_tokens, forced_tokens=result.forced,
+                          first_token_s=result.first_token_s)
+
+    def _attempt(self, request: Request) -> tuple[Result, str]:
+        """One run of the request through the engine: planned, admitted, written; its result and text."""
         if not self.engine.alive():
             self._revive()
         tpc = self.tokens_per_char(request.language_sample)
@@ -381,23 +408,7 @@ class LlamaCppBackend(Backend):
         except FutureTimeout:
             ticket.cancelled.set()  # its slot frees at the next step
             raise DeadlineExceeded(f"{self.name}: no answer from the engine by the hard limit") from None
-        text = request.prefix + self.model.detokenize(result.tokens).decode("utf-8", errors="replace")
-        if request.schema and result.finish_reason == "length":  # it ran past its plan: overload, not a fault
-            if not request.prefix:  # what it wrote shows the plan too low: the next is planned from it
-                self.char_cost.learn(value_chars(text), len(result.tokens) - result.forced)
-            raise BackendBusy(f"busy: the answer reached {len(result.tokens)} tokens before its JSON was complete "
-                              f"({result.note})")
-        if request.schema and not request.prefix:
-            self._learn_tokens_per_char(text, len(result.tokens) - result.forced)
-        seconds = time.monotonic() - started
-        log.debug("%s: %d prompt tokens (%d reused) + %d tokens (%d forced) in %.2f s after %.2f s queued; %s",
-                  self.name, result.prompt_tokens, result.reused_tokens, len(result.tokens), result.forced,
-                  seconds, result.queued_s, result.note)
-        return Generation(text=text, prompt_tokens=result.prompt_tokens, completion_tokens=len(result.tokens),
-                          seconds=seconds, backend=self.name, model=self.info(),
-                          finish_reason=result.finish_reason, schema=result.schema,
-                          cached_tokens=result.reused_tokens, forced_tokens=result.forced,
-                          first_token_s=result.first_token_s)
+        return result, request.prefix + self.model.detokenize(result.tokens).decode("utf-8", errors="replace")
 
     def _cost(self, schema: dict[str, Any], tpc: float) -> Cost:
         return worst_case(schema, tpc, self._forced_tokens)
