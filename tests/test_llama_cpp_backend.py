@@ -109,9 +109,12 @@ def test_what_a_character_costs_is_learned_from_answers_within_bounds(embedded_b
 
 def test_an_answer_cut_off_past_its_plan_starts_over_planned_from_what_it_wrote(embedded_backend, monkeypatch,
                                                                                   caplog):
-    """A sample that flatters the model (a fifth of what it really costs): the answer runs past its runaway
-    cap, what it wrote before the cap raises the plan, and the answer starts over once and arrives."""
-    monkeypatch.setattr(embedded_backend, "char_cost", CharCost(lambda text: embedded_backend.count_tokens(text) / 5))
+    """A sample that flatters the model tenfold: the answer runs past its runaway cap, what it wrote before the
+    cap raises the plan, and the answer starts over once and arrives. (RANGE lets plans climb to 4x the
+    sample, not past a tenfold flatterer: lifted here, as the climb is what is tested.)"""
+    monkeypatch.setattr(CharCost, "RANGE", (0.8, 40.0))
+    monkeypatch.setattr(embedded_backend, "char_cost",
+                        CharCost(lambda text: embedded_backend.count_tokens(text) / 10))
     ctx = Context(user_input="A story about a lighthouse keeper")
     spec = TASKS["blueprint"]
     request = Request(messages=spec.messages(ctx), max_tokens=spec.max_tokens(ctx),
