@@ -38,6 +38,7 @@ SPACES = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029
 # sentence's end, and must have one by its maxLength.
 SENTENCE_ENDS = ".!?。！？…」』”’\"')）"
 ENDS_ON_SENTENCE = f"[{SENTENCE_ENDS}]$"
+FIRST, REST = f"[^{SPACES}{CONTROLS}]", f"[^{CONTROLS}]"  # a string's first character, and the others
 
 
 def _for_llguidance(schema: Any) -> Any:
@@ -50,16 +51,15 @@ def _for_llguidance(schema: Any) -> Any:
     out = {k: _for_llguidance(v) for k, v in schema.items()}
     if out.get("type") != "string" or "enum" in out or "const" in out:
         return out
-    first, rest = f"[^{SPACES}{CONTROLS}]", f"[^{CONTROLS}]"
     if out.get("pattern") == ENDS_ON_SENTENCE:
         lo, hi = max(out.pop("minLength", 2), 2), out.pop("maxLength")  # a first and a last character at least
-        out["pattern"] = f"^{first}{rest}{{{lo - 2},{hi - 2}}}[{SENTENCE_ENDS}]$"
+        out["pattern"] = f"^{FIRST}{REST}{{{lo - 2},{hi - 2}}}[{SENTENCE_ENDS}]$"
     elif "pattern" not in out:
         lo, hi = out.pop("minLength", 0), out.pop("maxLength", None)
         if hi == 0:
             out["pattern"] = "^$"
             return out
-        body = f"{first}{rest}{{{max(lo - 1, 0)},{'' if hi is None else hi - 1}}}"
+        body = f"{FIRST}{REST}{{{max(lo - 1, 0)},{'' if hi is None else hi - 1}}}"
         out["pattern"] = f"^{body}$" if lo > 0 else f"^({body})?$"
     return out
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import math
 import random
@@ -30,7 +29,7 @@ from backends.engine import Engine, Job, Load, Result
 from backends.engine.step_clock import STALL_FLOOR_S, StepClock, stall_limit, stalled
 from backends.constraint import Vocabulary
 from backends.llama_build import system_info
-from backends.sizing import CharCost, Cost, fit_schema, shrink, strings_in, value_chars, worst_case
+from backends.sizing import CharCost, Cost, fit_schema, shrink, value_chars, worst_case
 from models import fit
 from backends.errors import DoesNotFit
 from models.errors import ModelError, UnloadableModelError
@@ -344,11 +343,8 @@ class LlamaCppBackend(Backend):
         return self.char_cost.high(sample or WARM_UP_TEXT)
 
     def _learn_tokens_per_char(self, text: str, sampled_tokens: int) -> None:
-        try:
-            strings = "".join(strings_in(json.loads(text)))
-        except ValueError:
-            return
-        self.char_cost.learn(strings, sampled_tokens)
+        """What an answer's string values cost, whole or cut off at its cap (value_chars reads either)."""
+        self.char_cost.learn(value_chars(text), sampled_tokens)
 
     # --- generating ---------------------------------------------------------------------------------
     def generate(self, request: Request) -> Generation:
@@ -369,18 +365,15 @@ class LlamaCppBackend(Backend):
             raise BackendError(f"the request's deadline is {request.deadline}: it must be a finite time")
         for attempt in range(RUNAWAY_RETRIES + 1):
             result, text = self._attempt(request)
+            if request.schema and not request.prefix:  # a cut-off answer shows its plan too low: learned too
+                self._learn_tokens_per_char(text, len(result.tokens) - result.forced)
             if not (request.schema and result.finish_reason == "length"):
                 break
-            # It ran past its plan: what it wrote shows the plan too low, and the next is planned from it.
-            if not request.prefix:
-                self.char_cost.learn(value_chars(text), len(result.tokens) - result.forced)
             if request.prefix or attempt == RUNAWAY_RETRIES:  # overload, not a fault: the chain moves on
                 raise BackendBusy(f"busy: the answer reached {len(result.tokens)} tokens before its JSON was "
                                   f"complete ({result.note})")
             log.info("%s: the answer reached %d tokens before its JSON was complete (%s); starting over, planned "
                      "from what it wrote", self.name, len(result.tokens), result.note)
-        if request.schema and not request.prefix:
-            self._learn_tokens_per_char(text, len(result.tokens) - result.forced)
         seconds = time.monotonic() - started
         log.debug("%s: %d prompt tokens (%d reused) + %d tokens (%d forced) in %.2f s after %.2f s queued; %s",
                   self.name, result.prompt_tokens, result.reused_tokens, len(result.tokens), result.forced,
